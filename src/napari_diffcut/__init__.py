@@ -1,0 +1,52 @@
+"""napari-diffcut: zero-shot segmentation by diffusing, walking and cutting.
+
+Ivanova et al., "Unsupervised Segmentation by Diffusing, Walking and Cutting"
+(arXiv 2412.04678, WACV 2026). Public names are imported lazily, so that
+``import napari_diffcut`` stays fast and pulls in neither torch nor napari.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "segment": "napari_diffcut.engine",
+    "iter_segment": "napari_diffcut.engine",
+    "Segmentation": "napari_diffcut.engine",
+    "Settings": "napari_diffcut.engine",
+    "Progress": "napari_diffcut.engine",
+    "DiffCutEngine": "napari_diffcut.engine",
+    "ncut_hierarchy": "napari_diffcut.core.hierarchy",
+    "Hierarchy": "napari_diffcut.core.hierarchy",
+    "Node": "napari_diffcut.core.hierarchy",
+    "DiffCutError": "napari_diffcut.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_diffcut.core.hierarchy import Hierarchy, Node, ncut_hierarchy
+    from napari_diffcut.engine import (
+        DiffCutEngine,
+        Progress,
+        Segmentation,
+        Settings,
+        iter_segment,
+        segment,
+    )
+    from napari_diffcut.errors import DiffCutError
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'napari_diffcut' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

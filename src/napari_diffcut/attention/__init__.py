@@ -1,0 +1,1 @@
+"""Diffuse: Stable Diffusion loading, attention capture and UNet runs (torch, diffusers)."""

@@ -1,0 +1,197 @@
+"""Diffuse, part 1: capture self-attention probabilities from a diffusers UNet.
+
+diffusers' default processor (PyTorch SDPA) never materialises the softmax
+probabilities. :class:`CaptureAttnProcessor` is installed on the self-attention
+(``attn1``) modules only. It computes the same output as the default processor
+and, as a side effect, adds the head-averaged probabilities into one fp32
+accumulator per attention grid (method.md 2.3). Per-head and per-layer maps are
+never kept; heads are processed in chunks that bound transient memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionSink:
+    """Per-grid accumulators of head-averaged self-attention probabilities.
+
+    Parameters
+    ----------
+    latent_shape : (h, w)
+        Latent grid of the current UNet input; attention grids are found from
+        the token count (``h/f * w/f`` tokens at downsampling factor ``f``).
+    factors : set of int, optional
+        Downsampling factors to capture (1 = latent grid). None captures all.
+    chunk_bytes : int
+        Bound on the fp32 score buffer of one head chunk.
+    on_layer : callable, optional
+        Called after each captured layer (progress and cancellation checks).
+    """
+
+    def __init__(
+        self,
+        latent_shape: tuple[int, int],
+        factors: set[int] | None = None,
+        chunk_bytes: int = 256 << 20,
+        on_layer: Callable[[], None] | None = None,
+    ) -> None:
+        self.latent_shape = latent_shape
+        self.factors = factors
+        self.chunk_bytes = chunk_bytes
+        self.on_layer = on_layer
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}
+        self.counts: dict[tuple[int, int], int] = {}
+
+    def grid_for(self, n_tokens: int) -> tuple[tuple[int, int], int]:
+        """Grid (h, w) and factor f of a layer with ``n_tokens`` query tokens."""
+        lh, lw = self.latent_shape
+        f = round(math.sqrt(lh * lw / n_tokens))
+        if f < 1 or lh % f or lw % f or (lh // f) * (lw // f) != n_tokens:
+            raise RuntimeError(
+                f"cannot place {n_tokens} attention tokens on latent grid {self.latent_shape}"
+            )
+        return (lh // f, lw // f), f
+
+    def wants(self, n_tokens: int) -> bool:
+        """Whether a layer with this many tokens is captured."""
+        _, f = self.grid_for(n_tokens)
+        return self.factors is None or f in self.factors
+
+    def add(self, grid: tuple[int, int], probs_sum: torch.Tensor, n_maps: int) -> None:
+        """Add a sum of ``n_maps`` probability maps (Nq, Nk) for one layer call."""
+        mean = probs_sum / n_maps
+        if grid in self.sums:
+            self.sums[grid] += mean
+            self.counts[grid] += 1
+        else:
+            self.sums[grid] = mean.to(torch.float32).clone()
+            self.counts[grid] = 1
+
+    def means(self) -> dict[tuple[int, int], torch.Tensor]:
+        """Layer- and step-averaged attention per grid."""
+        return {g: s / self.counts[g] for g, s in self.sums.items()}
+
+
+class CaptureAttnProcessor:
+    """Self-attention processor that also records head-mean probabilities.
+
+    Follows the computation of diffusers' ``AttnProcessor2_0`` for
+    self-attention (spatial/group norm, q/k/v projections, optional q/k norms,
+    ``1/sqrt(d)`` scaling, output projection, residual, rescale), with the
+    scores and the softmax in fp32 (method.md 11: fp16 overflows otherwise).
+    """
+
+    def __init__(self, sink: AttentionSink) -> None:
+        self.sink = sink
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        capture = attention_mask is None and encoder_hidden_states is None and self.sink.wants(seq_len)
+        if capture:
+            out = self._attend_and_capture(query, key, value, seq_len)
+        else:
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+                attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        out = out / attn.rescale_output_factor
+        if capture and self.sink.on_layer is not None:
+            self.sink.on_layer()
+        return out
+
+    def _attend_and_capture(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seq_len: int
+    ) -> torch.Tensor:
+        """Explicit attention in head chunks; add head-mean probabilities to the sink."""
+        batch, heads, n_q, head_dim = query.shape
+        n_k = key.shape[2]
+        scale = 1.0 / math.sqrt(head_dim)
+        per_head = n_q * n_k * 4 * batch
+        chunk = max(1, min(heads, self.sink.chunk_bytes // max(per_head, 1)))
+        grid, _ = self.sink.grid_for(seq_len)
+        outs = []
+        probs_sum: torch.Tensor | None = None
+        for start in range(0, heads, chunk):
+            q = query[:, start : start + chunk].float()
+            k = key[:, start : start + chunk].float()
+            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
+            outs.append(torch.matmul(probs.to(value.dtype), value[:, start : start + chunk]))
+            part = probs.sum(dim=(0, 1))
+            probs_sum = part if probs_sum is None else probs_sum + part
+            del probs
+        assert probs_sum is not None
+        self.sink.add(grid, probs_sum, batch * heads)
+        return torch.cat(outs, dim=1)
+
+
+def self_attention_names(unet: Any) -> list[str]:
+    """Processor keys of the self-attention (``attn1``) modules of a UNet."""
+    return [name for name in unet.attn_processors if ".attn1." in f".{name}"]
+
+
+@contextlib.contextmanager
+def capture_self_attention(unet: Any, sink: AttentionSink) -> Iterator[AttentionSink]:
+    """Install :class:`CaptureAttnProcessor` on ``attn1`` modules for the block.
+
+    The original processors are restored on exit, also when an exception is
+    raised inside the block. Cross-attention (``attn2``) is left alone.
+    """
+    original = dict(unet.attn_processors)
+    names = set(self_attention_names(unet))
+    if not names:
+        raise RuntimeError("this UNet has no self-attention (attn1) modules to capture")
+    processor = CaptureAttnProcessor(sink)
+    unet.set_attn_processor(
+        {name: (processor if name in names else proc) for name, proc in original.items()}
+    )
+    try:
+        yield sink
+    finally:
+        unet.set_attn_processor(original)

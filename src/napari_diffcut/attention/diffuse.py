@@ -1,0 +1,103 @@
+"""Diffuse, part 2: encode an image and run the UNet with attention capture.
+
+Two modes (method.md 2.2):
+
+- ``fast`` (default): one UNet call on the clean VAE latent with the timestep
+  embedding of ``timestep`` (default 300) and the empty prompt, no added noise:
+  DiffSeg's setting, deterministic. ``noise=True`` adds DDPM noise at that
+  timestep from a generator seeded with ``seed`` (DiffCut's setting).
+- ``inversion``: ``steps`` deterministic DDIM-inversion steps on a 50-step grid
+  (spacing ``num_train_timesteps / 50``), attention averaged over the calls
+  with equal weights: the "10 of 50 steps" reading of the paper [S].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from napari_diffcut.attention.capture import AttentionSink, capture_self_attention
+from napari_diffcut.attention.model import LoadedModel
+
+INVERSION_GRID = 50
+
+
+@torch.no_grad()
+def encode(model: LoadedModel, rgb: NDArray[np.float32]) -> torch.Tensor:
+    """VAE posterior mean times the scaling factor; ``rgb`` in [0, 1], (Y, X, 3)."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    x = (x * 2.0 - 1.0).to(model.device, torch.float32)
+    dist = model.vae.encode(x).latent_dist
+    return (dist.mean * model.scaling_factor).to(model.dtype)
+
+
+def inversion_timesteps(model: LoadedModel, steps: int) -> list[int]:
+    """First ``steps`` timesteps of the 50-step DDIM grid, increasing."""
+    spacing = model.num_train_timesteps // INVERSION_GRID
+    return [model.steps_offset + i * spacing for i in range(steps)]
+
+
+@torch.no_grad()
+def iter_attention(
+    model: LoadedModel,
+    latents: torch.Tensor,
+    *,
+    mode: str = "fast",
+    timestep: int = 300,
+    steps: int = 10,
+    noise: bool = False,
+    seed: int = 0,
+    factors: set[int] | None = None,
+    on_layer: Callable[[], None] | None = None,
+) -> Generator[tuple[int, int], None, dict[tuple[int, int], NDArray[np.float32]]]:
+    """Run the UNet and capture self-attention; yield after each UNet call.
+
+    Yields
+    ------
+    (step, total) : tuple of int
+
+    Returns
+    -------
+    dict of (h, w) -> ndarray (h*w, h*w), float32
+        Head-, layer- and step-averaged attention per grid.
+    """
+    sink = AttentionSink(tuple(latents.shape[-2:]), factors=factors, on_layer=on_layer)
+    emb = model.empty_embedding
+    unet = model.unet
+    if mode == "fast":
+        x = latents
+        if noise:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            eps = torch.randn(latents.shape, generator=gen).to(latents)
+            abar = model.alphas_cumprod[timestep]
+            x = (abar.sqrt() * latents.double() + (1 - abar).sqrt() * eps.double()).to(latents)
+        t = torch.tensor([timestep], device=model.device)
+        with capture_self_attention(unet, sink):
+            unet(x, t, encoder_hidden_states=emb)
+        yield 1, 1
+    elif mode == "inversion":
+        ts = inversion_timesteps(model, steps)
+        x = latents.double()
+        with capture_self_attention(unet, sink):
+            for i, t in enumerate(ts):
+                eps = unet(x.to(model.dtype), torch.tensor([t], device=model.device),
+                           encoder_hidden_states=emb).sample.double()
+                if i + 1 < len(ts):
+                    x = _ddim_invert_step(model, x, eps, t, ts[i + 1])
+                yield i + 1, len(ts)
+    else:
+        raise ValueError(f"mode must be 'fast' or 'inversion', got {mode!r}")
+    return {g: a.float().cpu().numpy() for g, a in sink.means().items()}
+
+
+def _ddim_invert_step(
+    model: LoadedModel, x: torch.Tensor, eps: torch.Tensor, t: int, t_next: int
+) -> torch.Tensor:
+    """x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t') eps (method.md 2.2)."""
+    a_t = model.alphas_cumprod[t].to(x.device)
+    a_n = model.alphas_cumprod[t_next].to(x.device)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_n.sqrt() * x0 + (1 - a_n).sqrt() * eps

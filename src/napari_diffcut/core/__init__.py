@@ -1,0 +1,1 @@
+"""Core of napari-diffcut: walks, graphs, NCut and the hierarchy (numpy/scipy only)."""
