@@ -23,6 +23,8 @@ _LAZY = {
     "Hierarchy": "napari_diffcut.core.hierarchy",
     "Node": "napari_diffcut.core.hierarchy",
     "DiffCutError": "napari_diffcut.errors",
+    "load": "napari_diffcut.store",
+    "segment_layer": "napari_diffcut.scripting",
 }
 
 __all__ = ["__version__", *_LAZY]

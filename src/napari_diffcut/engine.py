@@ -186,6 +186,12 @@ class Segmentation:
         """Tree nodes (id, parent, children, cost, size, depth); label = id + 1."""
         return self.hierarchy.tree
 
+    def save(self, path: str) -> Any:
+        """Save labels, levels, tree and settings as ``*.diffcut.zarr`` (see :mod:`napari_diffcut.store`)."""
+        from napari_diffcut.store import save
+
+        return save(self, path)
+
     def __repr__(self) -> str:
         n = len(np.unique(self.labels))
         return (
