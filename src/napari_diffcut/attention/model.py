@@ -99,25 +99,40 @@ class LoadedModel:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
 
+def _looks_like_path(model: str) -> bool:
+    """A folder path rather than a hub repo id ("owner/name")."""
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") != 1
+
+
 def _not_found(model: str, exc: BaseException) -> DiffCutError:
     """One clear message: which model, where it was looked for, how to get it."""
-    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+    from huggingface_hub.constants import HF_HUB_CACHE
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     local = Path(model).expanduser()
-    where = (
-        f"the local folder {local.resolve()} (it exists but is not a complete diffusers "
-        "model: it needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/)"
-        if local.exists()
-        else f"a local folder {local.resolve()} (not found) and the Hugging Face cache "
-        f"{HF_HUB_CACHE}"
-        + (" (HF_HUB_OFFLINE is set, so nothing was downloaded)" if HF_HUB_OFFLINE else "")
-    )
+    if local.exists():
+        where = (
+            f"the local folder {local.resolve()}, which exists but is not a complete diffusers "
+            "model: it needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+        how = "Point model (--model) at a complete diffusers folder."
+    elif _looks_like_path(model):
+        where = f"the local folder {local.resolve()}, which does not exist"
+        how = "Check the path, or pass a Hugging Face repo id such as " + repr(DEFAULT_MODEL) + "."
+    else:
+        where = (
+            f"a local folder {local.resolve()} (not found) and the Hugging Face cache "
+            f"{HF_HUB_CACHE}" + (" (HF_HUB_OFFLINE is set, so nothing was downloaded)" if offline else "")
+        )
+        how = (
+            "Run once with internet access (it is downloaded to the Hugging Face cache and reused "
+            f"offline), or download it elsewhere with `huggingface-cli download {model} --local-dir "
+            "DIR`, copy DIR here and pass it as model=DIR (--model DIR)."
+        )
+    detail = str(exc).splitlines()[0] if str(exc) else ""
     return DiffCutError(
-        f"Could not load model {model!r}. Looked in {where}. To get it: run once with "
-        "internet access (it is downloaded to the Hugging Face cache and reused "
-        "offline), or download it with `huggingface-cli download "
-        f"{model}` and pass the folder as model=/path/to/folder (--model). "
-        f"Details: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        f"Could not load model {model!r}. Looked in {where}. {how} "
+        f"(Details: {type(exc).__name__}: {detail})"
     )
 
 
