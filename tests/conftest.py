@@ -14,8 +14,13 @@ def rng() -> np.random.Generator:
 
 
 def planted_transition(
-    grid: tuple[int, int], regions: np.ndarray, *, locality: float = 50.0, strength: float = 3.0,
-    noise: float = 1.0, seed: int = 0,
+    grid: tuple[int, int],
+    regions: np.ndarray,
+    *,
+    locality: float = 50.0,
+    strength: float = 3.0,
+    noise: float = 1.0,
+    seed: int = 0,
 ) -> np.ndarray:
     """Attention-like row-stochastic matrix: spatially local + planted regions + noise."""
     h, w = grid

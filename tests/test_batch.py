@@ -29,9 +29,8 @@ from napari_diffcut.engine import DiffCutEngine, Settings
 from napari_diffcut.errors import DiffCutError
 from napari_diffcut.io import read_image
 
-# Few, shallow splits: the pixels backbone still builds its full 4096-patch walk,
-# but the tree stops after at most three NCut splits (seconds per image).
-FAST = {"backbone": "pixels", "max_depth": 2, "min_size": 256}
+# A 16 x 16 patch grid and a shallow tree: a fraction of a second per image.
+FAST = {"backbone": "pixels", "working_size": 128, "max_depth": 2, "min_size": 8}
 GOOD = ("img0", "img1", "img2")
 
 
@@ -70,9 +69,7 @@ def _expected_files(keys: tuple[str, ...], levels: bool = False) -> list[str]:
 
 def _stamps(out: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime_ns) per output: a rename-into-place changes the inode."""
-    return {
-        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.diffcut.*")
-    }
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.diffcut.*")}
 
 
 # --------------------------------------------------------------------------------------
@@ -135,9 +132,7 @@ def test_run_batch_rejects_bad_cluster_arguments(folder: Path, tmp_path: Path) -
 # In-process runs
 
 
-def test_in_process_batch_resumes_and_reports_failures(
-    folder: Path, tmp_path: Path
-) -> None:
+def test_in_process_batch_resumes_and_reports_failures(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     s = Settings(**FAST)
     summary = run_batch(folder, out, s)
@@ -157,7 +152,7 @@ def test_in_process_batch_resumes_and_reports_failures(
     labels = tifffile.imread(out / "img1.diffcut.tif")
     np.testing.assert_array_equal(labels, seg.labels)
     record = json.loads((out / "img1.diffcut.json").read_text())
-    assert record["backbone"] == "pixels" and record["min_size"] == 256
+    assert record["backbone"] == "pixels" and record["min_size"] == 8
     assert record["input"] == str((folder / "img1.png").resolve())
     assert oct((out / "img1.diffcut.tif").stat().st_mode & 0o777) != "0o600"
 
@@ -187,9 +182,7 @@ def test_in_process_batch_resumes_and_reports_failures(
     assert manifest["images"]["img0"]["status"] == "done"
 
 
-def test_stopped_run_leftovers_are_redone_and_cleaned(
-    folder: Path, tmp_path: Path
-) -> None:
+def test_stopped_run_leftovers_are_redone_and_cleaned(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     s = Settings(**FAST)
     (folder / "broken.png").unlink()
@@ -211,17 +204,13 @@ def test_stopped_run_leftovers_are_redone_and_cleaned(
     assert run_batch(folder, out, s, levels=True).done == ["img2"]
 
 
-def test_other_settings_are_refused_unless_overwrite(
-    folder: Path, tmp_path: Path
-) -> None:
+def test_other_settings_are_refused_unless_overwrite(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (folder / "broken.png").unlink()
     run_batch(folder / "img0.png", out, Settings(**FAST))
     before = _stamps(out)
     other = Settings(**FAST, threshold=0.5)
-    with pytest.raises(
-        ValueError, match=r"threshold='auto' \(requested 0.5\).*--overwrite"
-    ):
+    with pytest.raises(ValueError, match=r"threshold='auto' \(requested 0.5\).*--overwrite"):
         run_batch(folder, out, other)
     assert _stamps(out) == before  # refused before anything was written
     summary = run_batch(folder, out, other, overwrite=True)
@@ -229,9 +218,7 @@ def test_other_settings_are_refused_unless_overwrite(
     assert json.loads((out / "img0.diffcut.json").read_text())["threshold"] == 0.5
 
 
-def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(
-    folder: Path, tmp_path: Path
-) -> None:
+def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (folder / "broken.png").unlink()
     s = Settings(**FAST)
@@ -258,9 +245,7 @@ def test_a_retried_task_does_not_write_again(folder: Path, tmp_path: Path) -> No
     out = tmp_path / "out"
     s = Settings(**FAST)
     run_batch(folder / "img0.png", out, s)
-    (job,) = plan_jobs(
-        [(folder / "img0.png").resolve()], folder.resolve(), out.resolve()
-    )
+    (job,) = plan_jobs([(folder / "img0.png").resolve()], folder.resolve(), out.resolve())
     before = _stamps(out)
     result = process_image(job, s, levels=False, engine=DiffCutEngine())
     assert result.status == "done" and "retried" in result.note
@@ -277,29 +262,19 @@ def test_one_batch_per_output_folder(folder: Path, tmp_path: Path) -> None:
         run_batch(folder, out, Settings(**FAST))
 
 
-def test_cli_batch(
-    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_batch(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The CLI has no --working-size: one image at the default grid keeps it short.
+    for name in ("img1.png", "img2.png"):
+        (folder / name).unlink()
     out = tmp_path / "out"
-    args = [
-        "batch",
-        str(folder),
-        "--out",
-        str(out),
-        "--backbone",
-        "pixels",
-        "--max-depth",
-        "2",
-        "--min-size",
-        "256",
-        "-q",
-    ]
+    args = ["batch", str(folder), "--out", str(out), "--backbone", "pixels",
+            "--max-depth", "1", "--min-size", "256", "-q"]  # fmt: skip
     assert main(args) == 1  # one image failed
     text = capsys.readouterr().out
-    assert "3 done, 0 skipped" in text and "failed broken" in text
+    assert "1 done, 0 skipped" in text and "failed broken" in text
     (folder / "broken.png").unlink()
     assert main(args) == 0
-    assert "0 done, 3 skipped" in capsys.readouterr().out
+    assert "0 done, 1 skipped" in capsys.readouterr().out
     assert main([*args, "--threshold", "0.5"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -322,7 +297,7 @@ def cluster():  # type: ignore[no-untyped-def]
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",
         silence_logs=logging.ERROR,
     ) as c:
         yield c
@@ -367,9 +342,7 @@ def test_dask_worker_death_and_bad_image(folder: Path, tmp_path: Path, cluster) 
     assert summary.status == "completed"
     assert sorted(summary.done) == list(GOOD)
     assert list(summary.failed) == ["broken"]
-    assert Counter(r.key for r in summary.results) == Counter(
-        [*GOOD, "broken"]
-    )  # once each
+    assert Counter(r.key for r in summary.results) == Counter([*GOOD, "broken"])  # once each
     assert _files(out) == _expected_files(GOOD)  # no duplicates, no partial files
     for key in GOOD:
         labels = tifffile.imread(out / f"{key}.diffcut.tif")
@@ -381,9 +354,7 @@ def test_dask_worker_death_and_bad_image(folder: Path, tmp_path: Path, cluster) 
 
     # Second run on the same cluster: everything done is skipped.
     before = _stamps(out)
-    again = run_batch(
-        folder, out, Settings(**FAST), scheduler=cluster.scheduler_address
-    )
+    again = run_batch(folder, out, Settings(**FAST), scheduler=cluster.scheduler_address)
     assert sorted(again.skipped) == list(GOOD) and again.done == []
     assert list(again.failed) == ["broken"]
     assert _stamps(out) == before
@@ -394,16 +365,14 @@ def test_local_cluster_with_tiny_model_loads_once_per_worker(
 ) -> None:
     (folder / "broken.png").unlink()
     out = tmp_path / "out"
-    s = Settings(model=str(tiny_model), max_depth=2, min_size=32)
+    s = Settings(model=str(tiny_model), working_size=128, max_depth=2, min_size=8)
     summary = run_batch(folder, out, s, workers=2, levels=True)
     assert summary.failed == {} and sorted(summary.done) == list(GOOD)
     assert _files(out) == _expected_files(GOOD, levels=True)
     by_worker: dict[str, list[ImageResult]] = {}
     for r in summary.results:
         by_worker.setdefault(r.worker, []).append(r)
-    assert all(
-        w.split(":")[-1] != str(os.getpid()) for w in by_worker
-    )  # ran on workers
+    assert all(w.split(":")[-1] != str(os.getpid()) for w in by_worker)  # ran on workers
     # 3 images on 2 single-threaded workers: some worker did two, loading once.
     assert max(len(rs) for rs in by_worker.values()) >= 2
     for rs in by_worker.values():

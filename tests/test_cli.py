@@ -23,8 +23,12 @@ def image_file(tmp_path: Path, two_tone_image: np.ndarray) -> Path:
     return path
 
 
-def test_segment_writes_labels_levels_and_settings(image_file: Path, capsys: pytest.CaptureFixture) -> None:
-    rc = main(["segment", str(image_file), "--backbone", "pixels", "--levels", "--min-size", "4", "-q"])
+def test_segment_writes_labels_levels_and_settings(
+    image_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rc = main(
+        ["segment", str(image_file), "--backbone", "pixels", "--levels", "--min-size", "4", "-q"]
+    )
     assert rc == 0
     labels = tifffile.imread(image_file.with_name("smear.diffcut.tif"))
     levels = tifffile.imread(image_file.with_name("smear.levels.tif"))
@@ -39,8 +43,21 @@ def test_segment_writes_labels_levels_and_settings(image_file: Path, capsys: pyt
 
 def test_segment_with_tiny_model(image_file: Path, tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "labels.tif"
-    rc = main(["segment", str(image_file), "--model", str(tiny_model), "--min-size", "2",
-               "--threshold", "0.9", "-o", str(out), "-q"])
+    rc = main(
+        [
+            "segment",
+            str(image_file),
+            "--model",
+            str(tiny_model),
+            "--min-size",
+            "2",
+            "--threshold",
+            "0.9",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0
     assert tifffile.imread(out).shape == (96, 144)
     settings = json.loads((tmp_path / "out" / "labels.diffcut.json").read_text())
@@ -62,7 +79,10 @@ def test_never_overwrites_without_flag(image_file: Path, capsys: pytest.CaptureF
     ("args", "message"),
     [
         (["segment", "missing.png", "--backbone", "pixels"], "image file not found"),
-        (["segment", "IMAGE", "--backbone", "pixels", "--power", "0"], "power must be an integer >= 1"),
+        (
+            ["segment", "IMAGE", "--backbone", "pixels", "--power", "0"],
+            "power must be an integer >= 1",
+        ),
         (["segment", "IMAGE", "--model", "/nonexistent/model"], "Could not load model"),
     ],
 )
@@ -93,10 +113,16 @@ def test_help_is_fast_and_light() -> None:
     code = (
         "import sys; from napari_diffcut.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'diffusers', 'napari', 'qtpy', 'transformers') if m in sys.modules]\n"
+        "names = ('torch', 'diffusers', 'napari', 'qtpy', 'transformers')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
-    out = subprocess.run([sys.executable, "-m", "napari_diffcut", "segment", "--help"],
-                         check=True, capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "napari_diffcut", "segment", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "--threshold" in out and "--backbone" in out

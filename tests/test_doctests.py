@@ -10,8 +10,13 @@ import pytest
 
 @pytest.mark.parametrize(
     "module",
-    ["napari_diffcut.core.walk", "napari_diffcut.core.ncut", "napari_diffcut.core.hierarchy",
-     "napari_diffcut.core.image", "napari_diffcut.engine"],
+    [
+        "napari_diffcut.core.walk",
+        "napari_diffcut.core.ncut",
+        "napari_diffcut.core.hierarchy",
+        "napari_diffcut.core.image",
+        "napari_diffcut.engine",
+    ],
 )
 def test_doctests(module: str) -> None:
     mod = importlib.import_module(module)

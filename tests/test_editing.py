@@ -49,7 +49,9 @@ def seg() -> Segmentation:
     img[:, 32:] = 200
     img[5:20, 5:20] = (200, 0, 0)
     img[30:45, 40:60] = (0, 0, 150)
-    return napari_diffcut.segment(img, backbone="pixels", max_depth=3, threshold=0.9)
+    return napari_diffcut.segment(
+        img, backbone="pixels", working_size=128, min_size=4, max_depth=3, threshold=0.9
+    )
 
 
 def test_split_gives_children_by_pixel_leaf(tree: LabelTree, pixel_leaf: np.ndarray) -> None:
@@ -224,3 +226,23 @@ def test_edit_unravel_and_inverse() -> None:
     rows, cols = edit.unravel(labels.shape)
     assert rows.tolist() == [0, 1] and cols.tolist() == [1, 2]
     np.testing.assert_array_equal(edit.inverse().apply(edit.apply(labels)), labels)
+
+
+def test_labels_too_narrow_for_children_are_widened() -> None:
+    parent = np.concatenate([[-1], np.zeros(300, np.int64)])  # root with 300 children
+    pixel_leaf = np.arange(1, 301).reshape(15, 20)
+    tree = LabelTree(parent, pixel_leaf)
+    out = tree.split(np.ones((15, 20), np.uint8), 1)
+    assert out.dtype == np.uint32
+    np.testing.assert_array_equal(out, pixel_leaf + 1)
+    np.testing.assert_array_equal(tree.merge(out, 301), np.ones((15, 20)))
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    from napari_diffcut import editing, export
+
+    for module in (editing, export):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0

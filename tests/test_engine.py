@@ -40,9 +40,26 @@ def test_diffusion_result_contract(tiny_seg: Segmentation) -> None:
 
 def test_settings_are_json_and_complete(tiny_seg: Segmentation, tiny_model: Path) -> None:
     s = json.loads(json.dumps(tiny_seg.settings))
-    for key in ("model", "backbone", "mode", "timestep", "power", "graph", "threshold", "min_size",
-                "max_depth", "seed", "napari_diffcut_version", "torch", "diffusers", "device_used",
-                "working_size", "grid", "auto_threshold", "image_shape"):
+    for key in (
+        "model",
+        "backbone",
+        "mode",
+        "timestep",
+        "power",
+        "graph",
+        "threshold",
+        "min_size",
+        "max_depth",
+        "seed",
+        "napari_diffcut_version",
+        "torch",
+        "diffusers",
+        "device_used",
+        "working_size",
+        "grid",
+        "auto_threshold",
+        "image_shape",
+    ):
         assert key in s, key
     assert s["model"] == str(tiny_model)
     # Working size follows the checkpoint (256 px native), keeps the aspect, latent multiple of 8.
@@ -67,8 +84,15 @@ def test_reproducible(tiny_model: Path, two_tone_image: np.ndarray) -> None:
 def test_inversion_mode_and_engine_reuse(tiny_model: Path, two_tone_image: np.ndarray) -> None:
     engine = DiffCutEngine()
     events: list[Progress] = []
-    seg = segment(two_tone_image, model=str(tiny_model), mode="inversion", steps=3,
-                  engine=engine, progress=events.append, min_size=2)
+    seg = segment(
+        two_tone_image,
+        model=str(tiny_model),
+        mode="inversion",
+        steps=3,
+        engine=engine,
+        progress=events.append,
+        min_size=2,
+    )
     assert seg.labels.shape == two_tone_image.shape[:2]
     unet_calls = [e for e in events if e.stage == "diffuse" and e.message.startswith("UNet call")]
     assert [e.message for e in unet_calls] == [f"UNet call {i} of 3" for i in (1, 2, 3)]

@@ -140,7 +140,7 @@ def test_dataset_totals_pool_counts_over_images() -> None:
 def _squares(shape: tuple[int, int], boxes: list[tuple[int, int, int]]) -> np.ndarray:
     out = np.zeros(shape, np.int32)
     for i, (r, c, side) in enumerate(boxes, start=1):
-        out[r:r + side, c:c + side] = i
+        out[r : r + side, c : c + side] = i
     return out
 
 
@@ -149,8 +149,13 @@ def test_instance_counts_exact() -> None:
     # One segment covering both nuclei: two objects after connected components.
     pred = np.where(truth > 0, 7, 3)
     c = instance_counts(truth, pred)
-    assert c == {"fg_intersection": 32, "fg_union": 32, "objects_true": 2, "objects_pred": 2,
-                 "objects_matched": 2}
+    assert c == {
+        "fg_intersection": 32,
+        "fg_union": 32,
+        "objects_true": 2,
+        "objects_pred": 2,
+        "objects_matched": 2,
+    }
     # Shifted by one column: overlap 12 of 16, IoU 12 / 20 = 0.6 > 0.5, still a match.
     one = _squares((12, 12), [(1, 1, 4)])
     c = instance_counts(one, np.where(_squares((12, 12), [(1, 2, 4)]) > 0, 2, 1))
@@ -159,13 +164,38 @@ def test_instance_counts_exact() -> None:
     # Shifted by two: half of the segment is background, so it is not foreground.
     c = instance_counts(one, np.where(_squares((12, 12), [(1, 3, 4)]) > 0, 2, 1))
     assert c["objects_pred"] == 0 and c["objects_matched"] == 0 and c["fg_intersection"] == 0
-    agg = instance_scores([
-        {"fg_intersection": 8, "fg_union": 10, "objects_true": 3, "objects_pred": 1, "objects_matched": 1},
-        {"fg_intersection": 2, "fg_union": 10, "objects_true": 1, "objects_pred": 3, "objects_matched": 1},
-    ])
+    agg = instance_scores(
+        [
+            {
+                "fg_intersection": 8,
+                "fg_union": 10,
+                "objects_true": 3,
+                "objects_pred": 1,
+                "objects_matched": 1,
+            },
+            {
+                "fg_intersection": 2,
+                "fg_union": 10,
+                "objects_true": 1,
+                "objects_pred": 3,
+                "objects_matched": 1,
+            },
+        ]
+    )
     assert agg["fg_iou"] == pytest.approx(0.5)
     assert agg["fg_iou_mean"] == pytest.approx(0.5)
     assert agg["object_f1"] == pytest.approx(2 * 2 / 8)
+
+
+@pytest.mark.parametrize(
+    "module", ["napari_diffcut.evaluation.metrics", "napari_diffcut.evaluation.datasets"]
+)
+def test_doctests(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0
 
 
 # ----------------------------------------------------------------------------- crops, resizes
@@ -194,8 +224,13 @@ def test_resizes_match_torch() -> None:
     image = rng.random((37, 37, 3)).astype(np.float32)
     ti = torch.from_numpy(image.transpose(2, 0, 1)[None])
     for size in (16, 64):
-        ref = F.interpolate(ti, size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=False)[0].numpy().transpose(1, 2, 0)
+        ref = (
+            F.interpolate(
+                ti, size=(size, size), mode="bilinear", align_corners=False, antialias=False
+            )[0]
+            .numpy()
+            .transpose(1, 2, 0)
+        )
         np.testing.assert_allclose(ds.resize_bilinear(image, size), ref, atol=1e-5)
     as_uint8 = ds.resize_bilinear((image * 255).astype(np.uint8), 16)
     assert as_uint8.dtype == np.uint8
@@ -263,7 +298,9 @@ def test_coco_layout_and_mapping(tmp_path: Path, layout: str) -> None:
         ds.coco_stuff_27(tmp_path, limit=3)
     assert len(ds.coco_stuff_27(tmp_path, limit=3, allow_missing=True).samples) == 2
     (tmp_path / "list.txt").write_text(ids[1] + "\n")
-    assert [s.name for s in ds.coco_stuff_27(tmp_path, image_list=tmp_path / "list.txt").samples] == ids[1:]
+    assert [
+        s.name for s in ds.coco_stuff_27(tmp_path, image_list=tmp_path / "list.txt").samples
+    ] == ids[1:]
 
 
 def _cityscapes_root(root: Path, n: int) -> None:
@@ -272,7 +309,9 @@ def _cityscapes_root(root: Path, n: int) -> None:
         stem = f"{city}_000000_{k:06d}"
         (root / "leftImg8bit" / "val" / city).mkdir(parents=True, exist_ok=True)
         (root / "gtFine" / "val" / city).mkdir(parents=True, exist_ok=True)
-        iio.imwrite(root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png", _two_tone(40, 80, 40))
+        iio.imwrite(
+            root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png", _two_tone(40, 80, 40)
+        )
         ids = np.full((40, 80), 7, np.uint8)  # road -> 0
         ids[:, 40:] = 26  # car -> 19
         ids[:3] = 1  # ego vehicle -> ignored
@@ -282,8 +321,11 @@ def _cityscapes_root(root: Path, n: int) -> None:
 def test_cityscapes_layout_and_mapping(tmp_path: Path) -> None:
     _cityscapes_root(tmp_path, 3)
     d = ds.cityscapes(tmp_path)
-    assert [s.name for s in d.samples] == ["aachen/aachen_000000_000000", "aachen/aachen_000000_000002",
-                                           "bremen/bremen_000000_000001"]
+    assert [s.name for s in d.samples] == [
+        "aachen/aachen_000000_000000",
+        "aachen/aachen_000000_000002",
+        "bremen/bremen_000000_000001",
+    ]
     assert set(np.unique(d.load_truth(d.samples[0].mask)).tolist()) == {0, 19, 255}
     assert d.class_names[19] == "car" and d.n_class == 27
 
@@ -309,7 +351,17 @@ def test_folder_layouts(tmp_path: Path) -> None:
     assert int(d.load_truth(d.samples[0].mask).max()) == 3
     sem = ds.folder(tmp_path / "a")  # semantic: values 0..3 are 4 classes
     assert sem.n_class == 4
-    (tmp_path / "a" / "images" / "extra.png").write_bytes((tmp_path / "a" / "images" / "cell0.png").read_bytes())
+    # Semantic masks with sparse values: each value present is a class.
+    _folder_root(tmp_path / "b", 1)
+    binary = np.where(iio.imread(tmp_path / "b" / "masks" / "cell0.png") > 0, 255, 0)
+    iio.imwrite(tmp_path / "b" / "masks" / "cell0.png", binary.astype(np.uint8))
+    assert ds.folder(tmp_path / "b").n_class == 1  # 255 is unlabelled by default
+    two = ds.folder(tmp_path / "b", ignore_index=-1)
+    assert two.class_names == ["0", "255"]
+    np.testing.assert_array_equal(two.load_truth(two.samples[0].mask), binary // 255)
+    (tmp_path / "a" / "images" / "extra.png").write_bytes(
+        (tmp_path / "a" / "images" / "cell0.png").read_bytes()
+    )
     with pytest.raises(DiffCutError, match="no mask"):
         ds.folder(tmp_path / "a")
 
@@ -338,7 +390,9 @@ def test_resume_after_interruption_equals_clean_run(tmp_path: Path) -> None:
     p = ds.make_protocol("native")
     clean = evaluate(d, _colour_predictor([]), p, out=tmp_path / "clean.json", config={"k": 1})
     assert clean["n_images"] == 5 and clean["complete"]
-    assert clean["miou"] == pytest.approx(1.0) and clean["instances"]["object_f1"] == pytest.approx(1.0)
+    assert clean["miou"] == pytest.approx(1.0) and clean["instances"]["object_f1"] == pytest.approx(
+        1.0
+    )
 
     out = tmp_path / "resumed.json"
     with pytest.raises(KeyboardInterrupt):
@@ -361,7 +415,12 @@ def test_resume_after_interruption_equals_clean_run(tmp_path: Path) -> None:
     assert calls == [] and again["images_reused"] == 5
     with pytest.raises(DiffCutError, match="restart"):
         evaluate(d, _colour_predictor([]), p, out=out, config={"k": 2})
-    assert evaluate(d, _colour_predictor(calls), p, out=out, config={"k": 2}, restart=True)["images_run"] == 5
+    assert (
+        evaluate(d, _colour_predictor(calls), p, out=out, config={"k": 2}, restart=True)[
+            "images_run"
+        ]
+        == 5
+    )
 
 
 def test_semantic_folder_scores_exactly(tmp_path: Path) -> None:
@@ -373,7 +432,7 @@ def test_semantic_folder_scores_exactly(tmp_path: Path) -> None:
     # matches the squares' segment, whose other pixels are unlabelled.
     assert res["miou"] == pytest.approx(1.0)
     assert res["labelled_pixels"] == sum(
-        int(np.count_nonzero(d.load_truth(s.mask) < 2)) for s in d.samples
+        int(np.count_nonzero(d.load_truth(s.mask) >= 0)) for s in d.samples
     )
 
 
@@ -383,8 +442,26 @@ def test_semantic_folder_scores_exactly(tmp_path: Path) -> None:
 def test_cli_coco_layout_pixels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _coco_root(tmp_path / "coco", 2)
     out = tmp_path / "res" / "coco.json"
-    rc = main(["evaluate", "--dataset", "coco-stuff-27", "--root", str(tmp_path / "coco"), "--limit", "2",
-               "--backbone", "pixels", "--max-depth", "1", "--input-size", "64", "--json", str(out), "-q"])
+    rc = main(
+        [
+            "evaluate",
+            "--dataset",
+            "coco-stuff-27",
+            "--root",
+            str(tmp_path / "coco"),
+            "--limit",
+            "2",
+            "--backbone",
+            "pixels",
+            "--max-depth",
+            "1",
+            "--input-size",
+            "64",
+            "--json",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["n_images"] == 2 and res["protocol"]["input_size"] == 64
@@ -395,14 +472,30 @@ def test_cli_coco_layout_pixels(tmp_path: Path, capsys: pytest.CaptureFixture[st
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "person" in printed
     records = [json.loads(x) for x in jsonl_path(out).read_text().splitlines()[1:]]
-    assert [r["name"] for r in records] == [f"{i:012d}" for i in ds.cocostuff27()["val2017_ids"][:2]]
+    assert [r["name"] for r in records] == [
+        f"{i:012d}" for i in ds.cocostuff27()["val2017_ids"][:2]
+    ]
 
 
-def test_cli_folder_instances_resume_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_folder_instances_resume_and_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _folder_root(tmp_path / "data", 2)
     out = tmp_path / "cells.json"
-    base = ["evaluate", "--dataset", "folder", "--root", str(tmp_path / "data"), "--instances",
-            "--backbone", "pixels", "--max-depth", "2", "--json", str(out)]
+    base = [
+        "evaluate",
+        "--dataset",
+        "folder",
+        "--root",
+        str(tmp_path / "data"),
+        "--instances",
+        "--backbone",
+        "pixels",
+        "--max-depth",
+        "2",
+        "--json",
+        str(out),
+    ]
     assert main([*base, "--limit", "1"]) == 0
     assert main(base) == 0
     err = capsys.readouterr().err
@@ -413,17 +506,50 @@ def test_cli_folder_instances_resume_and_errors(tmp_path: Path, capsys: pytest.C
     assert 0 <= inst["fg_iou"] <= 1 and inst["objects_true"] == 6
     assert main([*base, "--threshold", "0.5"]) == 2
     assert "--restart" in capsys.readouterr().err
-    assert main(["evaluate", "--dataset", "coco-stuff-27", "--root", str(tmp_path / "none"),
-                 "--backbone", "pixels"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "coco-stuff-27",
+                "--root",
+                str(tmp_path / "none"),
+                "--backbone",
+                "pixels",
+            ]
+        )
+        == 2
+    )
     assert "no COCO image folder" in capsys.readouterr().err
 
 
 def test_cli_cityscapes_layout_tiny_model(tmp_path: Path, tiny_model: Path) -> None:
     _cityscapes_root(tmp_path / "cs", 2)
     out = tmp_path / "cs.json"
-    rc = main(["evaluate", "--dataset", "cityscapes", "--root", str(tmp_path / "cs"), "--model", str(tiny_model),
-               "--device", "cpu", "--max-depth", "2", "--protocol", "diffcut", "--input-size", "128",
-               "--score-size", "32", "--json", str(out), "-q"])
+    rc = main(
+        [
+            "evaluate",
+            "--dataset",
+            "cityscapes",
+            "--root",
+            str(tmp_path / "cs"),
+            "--model",
+            str(tiny_model),
+            "--device",
+            "cpu",
+            "--max-depth",
+            "2",
+            "--protocol",
+            "diffcut",
+            "--input-size",
+            "128",
+            "--score-size",
+            "32",
+            "--json",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["n_images"] == 2 and res["config"]["settings"]["backbone"] == "diffusion"
@@ -433,6 +559,8 @@ def test_cli_cityscapes_layout_tiny_model(tmp_path: Path, tiny_model: Path) -> N
     hist = np.asarray(first["hist"])
     d = ds.cityscapes(tmp_path / "cs")
     image = iio.imread(d.samples[0].image)
-    _, truth = ds.prepare(image, d.load_truth(d.samples[0].mask), ds.make_protocol("diffcut", 128, 32))
+    _, truth = ds.prepare(
+        image, d.load_truth(d.samples[0].mask), ds.make_protocol("diffcut", 128, 32)
+    )
     assert truth.shape == (32, 32)
     assert hist.shape[0] == 27 and hist.sum() == first["labelled"] == np.count_nonzero(truth < 27)

@@ -32,7 +32,9 @@ def test_levels_nest_and_end_at_labels(quadrant_transition: np.ndarray) -> None:
     np.testing.assert_array_equal(levels[-1], h.labels)
     for coarse, fine in zip(levels[:-1], levels[1:], strict=True):
         for label in np.unique(fine):
-            assert len(np.unique(coarse[fine == label])) == 1  # each fine segment inside one coarse one
+            assert (
+                len(np.unique(coarse[fine == label])) == 1
+            )  # each fine segment inside one coarse one
         assert len(np.unique(fine)) >= len(np.unique(coarse))
 
 
@@ -95,7 +97,9 @@ def test_min_size_and_depth_bounds(quadrant_transition: np.ndarray) -> None:
     assert h.arrays.depth.max() <= 3
 
 
-def test_power_and_similarity_graph(quadrant_transition: np.ndarray, quadrant_regions: np.ndarray) -> None:
+def test_power_and_similarity_graph(
+    quadrant_transition: np.ndarray, quadrant_regions: np.ndarray
+) -> None:
     for graph in ("walk", "similarity"):
         for power in (1, 2):
             h = ncut_hierarchy(quadrant_transition, (24, 24), power=power, graph=graph, min_size=8)

@@ -10,14 +10,30 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "napari_diffcut"
-HEAVY = ("torch", "diffusers", "transformers", "napari", "qtpy", "magicgui", "PyQt5", "PyQt6", "PySide6")
+HEAVY = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "napari",
+    "qtpy",
+    "magicgui",
+    "PyQt5",
+    "PyQt6",
+    "PySide6",
+)
 
 
 @pytest.mark.parametrize(
     "module",
-    ["napari_diffcut", "napari_diffcut.engine", "napari_diffcut.core.hierarchy",
-     "napari_diffcut.core.upsample", "napari_diffcut.core.pixels", "napari_diffcut.cli",
-     "napari_diffcut.io"],
+    [
+        "napari_diffcut",
+        "napari_diffcut.engine",
+        "napari_diffcut.core.hierarchy",
+        "napari_diffcut.core.upsample",
+        "napari_diffcut.core.pixels",
+        "napari_diffcut.cli",
+        "napari_diffcut.io",
+    ],
 )
 def test_import_is_light(module: str) -> None:
     code = (
@@ -48,15 +64,26 @@ def test_core_never_imports_gui_or_torch() -> None:
 
 def test_attention_never_imports_gui() -> None:
     for path in (SRC / "attention").glob("*.py"):
-        bad = {m for m in _imported_modules(path) if m.split(".")[0] in ("napari", "qtpy", "magicgui")}
+        bad = {
+            m for m in _imported_modules(path) if m.split(".")[0] in ("napari", "qtpy", "magicgui")
+        }
         assert not bad, f"{path.name} imports {bad}"
 
 
 def test_public_names_resolve() -> None:
     import napari_diffcut
 
-    for name in ("segment", "iter_segment", "Segmentation", "ncut_hierarchy", "Hierarchy",
-                 "DiffCutEngine", "DiffCutError", "Settings", "Progress"):
+    for name in (
+        "segment",
+        "iter_segment",
+        "Segmentation",
+        "ncut_hierarchy",
+        "Hierarchy",
+        "DiffCutEngine",
+        "DiffCutError",
+        "Settings",
+        "Progress",
+    ):
         assert getattr(napari_diffcut, name) is not None
     with pytest.raises(AttributeError):
         napari_diffcut.does_not_exist  # noqa: B018

@@ -47,9 +47,7 @@ def test_sweep_is_exact_minimum(rng: np.random.Generator) -> None:
     z = rng.normal(size=30)
     mask, cost = sweep_cut(w, d, z, min_size=3)
     order = np.argsort(-z)
-    best = min(
-        ncut_cost(w, np.isin(np.arange(30), order[:j])) for j in range(3, 28)
-    )
+    best = min(ncut_cost(w, np.isin(np.arange(30), order[:j])) for j in range(3, 28))
     assert cost == pytest.approx(best)
     assert 3 <= mask.sum() <= 27
 

@@ -92,13 +92,15 @@ def test_stationary_distribution(rng: np.random.Generator) -> None:
 def test_power_walk_matches_matrix_power(rng: np.random.Generator) -> None:
     p = softmax_rows(rng.normal(size=(30, 30)))
     for k in (1, 2, 3, 5):
-        np.testing.assert_allclose(power_walk(p, k), np.linalg.matrix_power(p.astype(np.float64), k), atol=1e-5)
+        np.testing.assert_allclose(
+            power_walk(p, k), np.linalg.matrix_power(p.astype(np.float64), k), atol=1e-5
+        )
     with pytest.raises(ValueError, match="power"):
         power_walk(p, 0)
 
 
 def test_walk_affinity_ncut_equals_escape_probability(rng: np.random.Generator) -> None:
-    """S1 symmetrisation: row sums equal pi and the cut equals the stationary flow (method.md 3.1)."""
+    """S1 symmetrisation: row sums equal pi, the cut equals the stationary flow (method.md 3.1)."""
     p = softmax_rows(rng.normal(size=(40, 40)) * 2)
     w = walk_affinity(p)
     pi = stationary_distribution(p)

@@ -30,6 +30,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
+    # ruff: noqa: F401 - re-exported lazily through __getattr__
     from napari_diffcut.core.hierarchy import Hierarchy, Node, ncut_hierarchy
     from napari_diffcut.engine import (
         DiffCutEngine,

@@ -23,7 +23,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 #: Subcommands living in other modules: name -> module with ``add_parser(subparsers)``
 #: returning the parser, whose ``func`` default runs the command.
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {"batch": "napari_diffcut.batch", "evaluate": "napari_diffcut.evaluate"}
 
 
 class UserError(Exception):
@@ -63,43 +63,73 @@ def _percentiles(text: str) -> tuple[float, float] | None:
     return (lo, hi)
 
 
+def _channel_axis(text: str) -> int | str:
+    if text.lower() == "none":
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        msg = f"expected an axis number or 'none', got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def add_segment_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that segments (segment, batch, evaluate)."""
     g = parser.add_argument_group("segmentation")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="Hugging Face repo id or local diffusers folder (default: %(default)s)")
-    g.add_argument("--backbone", choices=("diffusion", "pixels"), default="diffusion",
-                   help="diffusion: Stable Diffusion self-attention; pixels: weight-free colour/position walk")
-    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), float16, bfloat16, float32")
-    g.add_argument("--mode", choices=("fast", "inversion"), default="fast",
-                   help="fast: one UNet call at --timestep; inversion: --steps DDIM-inversion steps")
-    g.add_argument("--timestep", type=int, default=300, help="UNet timestep of fast mode (default 300, DiffSeg)")
-    g.add_argument("--steps", type=int, default=10, help="DDIM-inversion steps of 50 (default 10)")
-    g.add_argument("--noise", action="store_true", help="fast mode: add seeded DDPM noise (DiffCut style)")
-    g.add_argument("--power", type=int, default=1, help="walk length k: use P^k (default 1)")
-    g.add_argument("--graph", choices=("walk", "similarity"), default="walk",
-                   help="walk: random-walk graph; similarity: cosine of attention rows")
-    g.add_argument("--threshold", type=_threshold, default="auto",
-                   help="NCut threshold in (0, 1], or auto (default)")
-    g.add_argument("--min-size", type=int, default=16, help="minimum segment size in patches (default 16)")
-    g.add_argument("--max-depth", type=int, default=8, help="maximum tree depth (default 8)")
-    g.add_argument("--resolution-weights", type=_weights, default=None,
-                   help="attention weights per downsampling factor, e.g. '1:8,2:4,4:2,8:1'")
-    g.add_argument("--seed", type=int, default=0, help="seed of eigen-solver start vectors and noise")
-    g.add_argument("--revision", default=None, help="model revision (hub models)")
-    g.add_argument("--allow-pickle", action="store_true",
-                   help="accept pickled .bin weights (can run code; only for trusted models)")
-    g.add_argument("--channels", type=lambda t: [int(c) for c in t.split(",")], default=None,
-                   help="channel indices mapped to RGB, e.g. '0,2,1'")
-    g.add_argument("--normalize", type=_percentiles, default=(1.0, 99.8),
-                   help="percentiles LOW,HIGH for non-8-bit data (default 1,99.8), or none for min-max")
+    add = g.add_argument
+    add("--model", default=DEFAULT_MODEL,
+        help="Hugging Face repo id or local diffusers folder (default: %(default)s)")
+    add("--backbone", choices=("diffusion", "pixels"), default="diffusion",
+        help="diffusion: Stable Diffusion self-attention; pixels: weight-free colour/position "
+        "walk")
+    add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    add("--dtype", default="auto",
+        help="auto (fp16 on CUDA, else fp32), float16, bfloat16, float32")
+    add("--mode", choices=("fast", "inversion"), default="fast",
+        help="fast: one UNet call at --timestep; inversion: --steps DDIM-inversion steps")
+    add("--timestep", type=int, default=300,
+        help="UNet timestep of fast mode (default 300, DiffSeg)")
+    add("--steps", type=int, default=10, help="DDIM-inversion steps of 50 (default 10)")
+    add("--noise", action="store_true", help="fast mode: add seeded DDPM noise (DiffCut style)")
+    add("--power", type=int, default=1, help="walk length k: use P^k (default 1)")
+    add("--graph", choices=("walk", "similarity"), default="walk",
+        help="walk: random-walk graph; similarity: cosine of attention rows")
+    add("--threshold", type=_threshold, default="auto",
+        help="NCut threshold in (0, 1], or auto (default)")
+    add("--min-size", type=int, default=16,
+        help="minimum segment size in patches (default 16)")
+    add("--max-depth", type=int, default=8, help="maximum tree depth (default 8)")
+    add("--resolution-weights", type=_weights, default=None,
+        help="attention weights per downsampling factor, e.g. '1:8,2:4,4:2,8:1'")
+    add("--seed", type=int, default=0, help="seed of eigen-solver start vectors and noise")
+    add("--revision", default=None, help="model revision (hub models)")
+    add("--allow-pickle", action="store_true",
+        help="accept pickled .bin weights (can run code; only for trusted models)")
+    add("--channels", type=lambda t: [int(c) for c in t.split(",")], default=None,
+        help="up to 3 channel indices mapped to RGB, e.g. '0,2,1' (default: the first 3)")
+    add("--normalize", type=_percentiles, default=(1.0, 99.8),
+        help="percentiles LOW,HIGH for non-8-bit data (default 1,99.8), or none for min-max")
+    add("--channel-axis", type=_channel_axis, default=None,
+        help="axis holding channels (e.g. 1 for ZCYX), or 'none'; default: from the TIFF's "
+        "axes, else a last axis of at most 4 is channels")
+    add("--working-size", type=int, default=None,
+        help="working size in pixels of a square image (default: the model's; SD 1.5: 512)")
+    add("--tile-size", type=int, default=None,
+        help="tiled mode: tiles of this many pixels, stitched (default: the whole image at "
+        "the working size)")
+    add("--tile-overlap", type=int, default=None,
+        help="overlap of neighbouring tiles in pixels (default: tile size / 8)")
+    add("--consistent-stack", action="store_true",
+        help="stacks: a region keeps its label from plane to plane")
+    add("--memory-budget", type=int, default=512,
+        help="MiB of labels held in memory; larger label images go to zarr (default 512)")
 
 
 SETTING_OPTIONS = (
     "model", "backbone", "device", "dtype", "mode", "timestep", "steps", "noise", "power",
     "graph", "threshold", "min_size", "max_depth", "resolution_weights", "seed", "revision",
-    "allow_pickle", "channels", "normalize",
+    "allow_pickle", "channels", "normalize", "channel_axis", "working_size", "tile_size",
+    "tile_overlap", "consistent_stack", "memory_budget",
 )
 
 
@@ -130,8 +160,11 @@ def print_progress(quiet: bool) -> Callable[[Any], None] | None:
 
 
 def _segment_command(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from napari_diffcut.engine import DiffCutEngine, drain, iter_segment
-    from napari_diffcut.io import read_image, write_json, write_labels
+    from napari_diffcut.io import write_json
+    from napari_diffcut.lazy import open_image
 
     settings = settings_from_args(args)
     src = Path(args.image)
@@ -140,28 +173,159 @@ def _segment_command(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is the input image; choose another file name")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it or choose another --out")
-    image = read_image(src)
-    seg = drain(iter_segment(image, settings, engine=DiffCutEngine()), print_progress(args.quiet))
-    write_labels(out, seg.labels)
+    image, axes = open_image(src, memory_budget=settings.memory_budget)
+    if settings.channel_axis is None and axes:
+        settings = _channel_axis_from_axes(settings, axes)
+    to_zarr = out.suffix.lower() == ".zarr"
+    seg = drain(
+        iter_segment(image, settings, engine=DiffCutEngine(), out=str(out) if to_zarr else None),
+        print_progress(args.quiet),
+    )
+    write_label_output(out, seg.labels)
+    _drop_temporary_store(seg, out)
     settings_path = out.with_name(out.name.split(".")[0] + ".diffcut.json")
-    record = dict(seg.settings, input=str(src), output=str(out), threshold_used=seg.threshold)
+    threshold = getattr(seg, "threshold", None)
+    record = dict(seg.settings, input=str(src), output=str(out), threshold_used=threshold)
+    if axes:
+        record["input_axes"] = axes
     written = [out]
     if args.levels:
-        import numpy as np
-
+        if not hasattr(seg, "hierarchy"):
+            raise UserError(
+                "--levels needs a 2-D image in downscale mode (no stack, no --tile-size)"
+            )
         levels_path = out.with_name(out.name.split(".")[0] + ".levels.tif")
-        write_labels(levels_path, np.stack(seg.levels))
+        write_label_output(levels_path, np.stack([np.asarray(v) for v in seg.levels]))
         record["levels_output"] = str(levels_path)
         written.append(levels_path)
     write_json(settings_path, record)
     written.append(settings_path)
-    n = len(set(seg.labels.ravel().tolist()))
-    print(f"{src}: {n} segments, {len(seg.levels)} levels, threshold {seg.threshold:.3g}")
+    print(f"{src}: {_summary(seg)}")
     for path in written:
         print(f"  wrote {path}")
     return 0
 
 
+def _drop_temporary_store(seg: Any, out: Path) -> None:
+    """Remove the temporary zarr folder of a large run once its labels are written."""
+    import shutil
+
+    store = getattr(seg, "store", None)
+    if store and Path(store).resolve() != out.resolve():
+        folder = Path(store).parent
+        if folder.name.startswith("napari-diffcut-"):
+            shutil.rmtree(folder, ignore_errors=True)
+            seg.settings["labels_store"] = None
+
+
+def _channel_axis_from_axes(settings: Any, axes: str) -> Any:
+    """Default ``channel_axis`` from a TIFF's axes string ('C', or 'S' samples)."""
+    import dataclasses
+
+    for letter in ("C", "S"):
+        if letter in axes and len(axes) >= 3:
+            axis = axes.index(letter)
+            if letter == "S" and axis == len(axes) - 1:
+                return settings  # RGB samples last: inferred anyway
+            return dataclasses.replace(settings, channel_axis=axis)
+    return settings
+
+
+def _summary(seg: Any) -> str:
+    """One line: segments (and levels, threshold) of any result type."""
+    import numpy as np
+
+    if hasattr(seg, "n_labels"):
+        return f"{seg.n_labels} segments stitched from {len(seg.tiles)} tiles"
+    if hasattr(seg, "stack_shape"):
+        return f"{int(np.prod(seg.stack_shape))} planes segmented, labels {seg.shape}"
+    labels = seg.labels
+    if isinstance(labels, np.ndarray):
+        n = int(np.unique(labels).size)
+    else:  # lazy labels: count the segments the tree's leaves fall into
+        lut = seg.hierarchy.node_lut()
+        n = int(np.unique(lut[list(seg.hierarchy.iter_leaves())]).size)
+    return f"{n} segments, {len(seg.levels)} levels, threshold {seg.threshold:.3g}"
+
+
+def write_label_output(path: Path, labels: Any) -> Path:
+    """Write labels (numpy, dask or zarr; 2-D or a stack) as TIFF or zarr.
+
+    In-memory labels go through :func:`napari_diffcut.io.write_labels`;
+    lazy ones are written tile by tile (bounded memory) to a BigTIFF, or to a
+    zarr folder when ``path`` ends in ``.zarr`` (nothing to do when the run
+    already wrote there).
+    """
+    import numpy as np
+
+    from napari_diffcut.io import write_labels
+
+    if path.suffix.lower() == ".zarr":
+        return _write_zarr(path, labels)
+    if isinstance(labels, np.ndarray):
+        return write_labels(path, labels)
+    return _write_tiled_tiff(path, labels)
+
+
+#: Tile side of label TIFFs written from lazy labels.
+TIFF_TILE = 512
+
+
+def _blocks(shape: tuple[int, ...], side: int) -> Any:
+    """(plane index, row slice, column slice) of every tile, in TIFF order."""
+    import numpy as np
+
+    for index in np.ndindex(*shape[:-2]):
+        for y0 in range(0, shape[-2], side):
+            for x0 in range(0, shape[-1], side):
+                ys = slice(y0, min(shape[-2], y0 + side))
+                yield index, ys, slice(x0, min(shape[-1], x0 + side))
+
+
+def _write_tiled_tiff(path: Path, labels: Any) -> Path:
+    """Tile-by-tile BigTIFF from lazy labels, then rename into place (atomic)."""
+    import os
+    import tempfile
+
+    import numpy as np
+    import tifffile
+
+    shape = tuple(int(n) for n in labels.shape)
+
+    def tiles() -> Any:
+        for index, ys, xs in _blocks(shape, TIFF_TILE):
+            tile = np.zeros((TIFF_TILE, TIFF_TILE), np.uint32)
+            block = np.asarray(labels[(*index, ys, xs)])
+            tile[: block.shape[0], : block.shape[1]] = block
+            yield tile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, data=tiles(), shape=shape, dtype=np.uint32,
+                         tile=(TIFF_TILE, TIFF_TILE), compression="zlib", bigtiff=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_zarr(path: Path, labels: Any) -> Path:
+    """Copy labels into a zarr folder block by block (no-op if they live there)."""
+    import numpy as np
+
+    from napari_diffcut.lazy import create_label_store
+
+    store = getattr(getattr(labels, "store", None), "root", None)
+    if store is not None and Path(str(store)).resolve() == path.resolve():
+        return path
+    shape = tuple(int(n) for n in labels.shape)
+    dest, _ = create_label_store(shape, str(path))
+    for index, ys, xs in _blocks(shape, 1024):
+        dest[(*index, ys, xs)] = np.asarray(labels[(*index, ys, xs)])
+    return path
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (subcommands registered lazily by module)."""
     parser = argparse.ArgumentParser(

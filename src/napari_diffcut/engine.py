@@ -13,7 +13,7 @@ import dataclasses
 import platform
 import queue
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_diffcut.core.hierarchy import Hierarchy, Node, iter_ncut_tree
-from napari_diffcut.core.image import check_normalize, latent_grid, resize, to_rgb
+from napari_diffcut.core.image import (
+    NO_CHANNEL_AXIS,
+    check_normalize,
+    latent_grid,
+    resize,
+    to_rgb,
+)
 from napari_diffcut.core.upsample import soft_upsample
 from napari_diffcut.core.walk import GRAPHS, aggregate_attention, build_affinity
 from napari_diffcut.errors import DiffCutError, check_choice, check_int, check_threshold
@@ -32,6 +38,9 @@ MODES = ("fast", "inversion")
 #: Native latent side of the pixels backbone (same grid as SD 1.5: 64 x 64 patches).
 PIXELS_NATIVE_LATENT = 64
 PIXELS_PATCH = 8
+#: Default memory budget in MiB: label images (and the float RGB of a plane)
+#: beyond it are never held whole; they go to zarr or stay lazy (dask).
+DEFAULT_MEMORY_BUDGET = 512
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,10 @@ class Progress:
     Attributes
     ----------
     stage : str
-        "load", "encode", "diffuse", "walk", "cut" or "upsample".
+        "load", "encode", "diffuse", "walk", "cut" or "upsample"; stacks add
+        "plane" (step = planes done, total = planes) and tiled runs "tile"
+        (tiles done of all) and "stitch"; the events of one plane or tile
+        carry a "plane i/n: " or "tile i/n: " prefix in their message.
     step, total : int
         Position within the stage (total may be an upper bound for "cut").
     message : str
@@ -56,7 +68,32 @@ class Progress:
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """All run settings; validated on creation. ``as_dict`` is JSON-serialisable."""
+    """All run settings; validated on creation. ``as_dict`` is JSON-serialisable.
+
+    The model, diffusion, walk and cut settings are described in :func:`segment`.
+    Settings for real-size images (issue #4, README "Large images"):
+
+    Attributes
+    ----------
+    channels : tuple of int or None
+        Up to 3 channels mapped to R, G, B (default: the first 3; one is grey).
+    normalize : (low, high) or None
+        Per-channel percentile window for non-uint8 data; None: min-max.
+    channel_axis : int, "none" or None
+        Channel axis; None infers it (see
+        :func:`~napari_diffcut.core.image.resolve_channel_axis`).
+    working_size : int or None
+        Side in pixels of a square image at the working size (area kept for
+        other aspects); None: the checkpoint's (SD 1.5: 512; pixels backbone: 512).
+    tile_size, tile_overlap : int or None
+        Tiled mode for planes larger than ``tile_size`` (overlap default
+        ``tile_size // 8``, at most ``tile_size // 2``).
+    consistent_stack : bool
+        Match segments between neighbouring planes of a stack.
+    memory_budget : int
+        MiB: label images (and a plane's float RGB) beyond it are never held
+        whole; labels go to zarr (tiles, stacks) or stay lazy (dask).
+    """
 
     model: str = DEFAULT_MODEL
     backbone: str = "diffusion"
@@ -77,6 +114,12 @@ class Settings:
     allow_pickle: bool = False
     channels: tuple[int, ...] | None = None
     normalize: tuple[float, float] | None = (1.0, 99.8)
+    channel_axis: int | str | None = None
+    working_size: int | None = None
+    tile_size: int | None = None
+    tile_overlap: int | None = None
+    consistent_stack: bool = False
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,7 +142,8 @@ class Settings:
             object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if self.resolution_weights is not None:
             w = {int(k): float(v) for k, v in dict(self.resolution_weights).items()}
-            if any(k < 1 or k & (k - 1) for k in w) or any(v < 0 for v in w.values()) or not any(w.values()):
+            bad_keys = any(k < 1 or k & (k - 1) for k in w)
+            if bad_keys or any(v < 0 for v in w.values()) or not any(w.values()):
                 raise ValueError(
                     "resolution_weights must map downsampling factors (1, 2, 4, 8) to "
                     f"weights >= 0 with a positive sum, got {self.resolution_weights!r}"
@@ -107,6 +151,7 @@ class Settings:
             object.__setattr__(self, "resolution_weights", w)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a repo id or a folder path, got {self.model!r}")
+        _check_large_image_settings(self)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict of the settings."""
@@ -123,10 +168,39 @@ class Settings:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         if kwargs.get("resolution_weights"):
-            kwargs["resolution_weights"] = {int(k): v for k, v in kwargs["resolution_weights"].items()}
+            weights = kwargs["resolution_weights"]
+            kwargs["resolution_weights"] = {int(k): v for k, v in weights.items()}
         if kwargs.get("normalize") is not None:
             kwargs["normalize"] = tuple(kwargs["normalize"])
         return cls(**kwargs)
+
+
+def _check_large_image_settings(s: Settings) -> None:
+    """Validate the channel, working-size, tiling, stack and memory settings (issue #4)."""
+    if isinstance(s.channel_axis, str):
+        if s.channel_axis.lower() != NO_CHANNEL_AXIS:
+            raise ValueError(
+                "channel_axis must be an int, None (infer) or 'none', "
+                f"got {s.channel_axis!r}"
+            )
+        object.__setattr__(s, "channel_axis", NO_CHANNEL_AXIS)
+    elif s.channel_axis is not None:
+        object.__setattr__(s, "channel_axis", check_int("channel_axis", s.channel_axis, -64))
+    if s.working_size is not None:
+        check_int("working_size", s.working_size, 64)
+    if s.tile_size is not None:
+        check_int("tile_size", s.tile_size, 64)
+    if s.tile_overlap is not None:
+        check_int("tile_overlap", s.tile_overlap, 0)
+        limit = (s.tile_size or 0) // 2
+        if s.tile_size is None or s.tile_overlap > limit:
+            raise ValueError(
+                f"tile_overlap must be <= tile_size // 2 ({limit}) and needs a tile_size, "
+                f"got tile_overlap={s.tile_overlap}, tile_size={s.tile_size}"
+            )
+    if not isinstance(s.consistent_stack, bool):
+        raise ValueError(f"consistent_stack must be True or False, got {s.consistent_stack!r}")
+    check_int("memory_budget", s.memory_budget, 1)
 
 
 class Segmentation:
@@ -187,7 +261,10 @@ class Segmentation:
         return self.hierarchy.tree
 
     def save(self, path: str) -> Any:
-        """Save labels, levels, tree and settings as ``*.diffcut.zarr`` (see :mod:`napari_diffcut.store`)."""
+        """Save labels, levels, tree and settings as ``*.diffcut.zarr``.
+
+        See :mod:`napari_diffcut.store`.
+        """
         from napari_diffcut.store import save
 
         return save(self, path)
@@ -215,7 +292,8 @@ class DiffCutEngine:
         """The loaded model for ``settings`` (loading it when needed)."""
         from napari_diffcut.attention.model import load_model
 
-        key = (settings.model, settings.device, settings.dtype, settings.revision, settings.allow_pickle)
+        s = settings
+        key = (s.model, s.device, s.dtype, s.revision, s.allow_pickle)
         if self._key != key:
             self.unload()
             self._model = load_model(
@@ -244,16 +322,33 @@ class DiffCutEngine:
             torch.cuda.empty_cache()
 
     def iter_segment(
-        self, image: NDArray[Any], settings: Settings | None = None, **overrides: Any
-    ) -> Generator[Progress, None, Segmentation]:
+        self,
+        image: Any,
+        settings: Settings | None = None,
+        *,
+        contrast_limits: Any = None,
+        out: Any = None,
+        **overrides: Any,
+    ) -> Generator[Progress, None, Any]:
         """Generator form of :meth:`segment` (see :func:`iter_segment`)."""
-        return iter_segment(image, settings, engine=self, **overrides)
+        return iter_segment(
+            image, settings, engine=self, contrast_limits=contrast_limits, out=out, **overrides
+        )
 
     def segment(
-        self, image: NDArray[Any], settings: Settings | None = None, **overrides: Any
-    ) -> Segmentation:
-        """Segment one 2-D image, reusing this engine's model."""
-        return drain(self.iter_segment(image, settings, **overrides))
+        self,
+        image: Any,
+        settings: Settings | None = None,
+        *,
+        contrast_limits: Any = None,
+        out: Any = None,
+        **overrides: Any,
+    ) -> Any:
+        """Segment an image (2-D, stack or tiled), reusing this engine's model."""
+        gen = self.iter_segment(
+            image, settings, contrast_limits=contrast_limits, out=out, **overrides
+        )
+        return drain(gen)
 
 
 def make_settings(settings: Settings | None = None, **overrides: Any) -> Settings:
@@ -262,7 +357,8 @@ def make_settings(settings: Settings | None = None, **overrides: Any) -> Setting
     names = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise TypeError(f"unknown setting(s) {unknown}; valid settings: {sorted(names - {'extra'})}")
+        valid = sorted(names - {"extra"})
+        raise TypeError(f"unknown setting(s) {unknown}; valid settings: {valid}")
     return dataclasses.replace(base, **overrides)
 
 
@@ -289,37 +385,170 @@ def prepare_image(
 
 
 def iter_segment(
-    image: NDArray[Any],
+    image: Any,
     settings: Settings | None = None,
     *,
     engine: DiffCutEngine | None = None,
-    contrast_limits: tuple[float, float] | None = None,
+    contrast_limits: Any = None,
+    out: Any = None,
     **overrides: Any,
-) -> Generator[Progress, None, Segmentation]:
-    """Segment a 2-D image, yielding :class:`Progress` events.
+) -> Generator[Progress, None, Any]:
+    """Segment an image, a stack or a large image, yielding :class:`Progress` events.
 
     Stages: load, encode, diffuse (one event per UNet call and per captured
-    attention layer), walk, cut (one per NCut split), upsample. Closing the
+    attention layer), walk, cut (one per NCut split), upsample; stacks add
+    "plane" events and tiled runs "tile" and "stitch" events. Closing the
     generator stops the run at the next event (for the UNet: within one
-    attention layer).
+    attention layer), so a stack or a tiled run stops within its current
+    plane or tile.
+
+    Parameters
+    ----------
+    image : array-like or list of array-likes
+        (..., Y, X) or (..., Y, X, C): numpy, dask or zarr (read one plane or
+        tile at a time), or a napari multiscale list (largest level first).
+    settings : Settings, optional
+        Base settings; ``overrides`` replace fields.
+    engine : DiffCutEngine, optional
+        Reuse a loaded model.
+    contrast_limits : (low, high) or one pair per picked channel, optional
+        Intensity window (napari's layer contrast limits) instead of percentiles.
+    out : str, Path or array-like, optional
+        Where tiled and stacked runs write their labels incrementally (a zarr
+        path, or an array with the label shape); by default labels beyond
+        ``memory_budget`` go to a zarr array in a temporary folder.
 
     Returns
     -------
     Segmentation
+        For a 2-D image (a :class:`~napari_diffcut.lazy.LazySegmentation`
+        with dask labels when they exceed ``memory_budget``).
+    StackSegmentation
+        For a stack (see :mod:`napari_diffcut.stacks`).
+    TiledSegmentation
+        For a 2-D image larger than ``tile_size`` (see :mod:`napari_diffcut.tiling`).
     """
+    from napari_diffcut.lazy import ImageSource, is_multiscale
+
     s = make_settings(settings, **overrides)
-    rgb = prepare_image(image, s, contrast_limits)
-    out_shape = (int(rgb.shape[0]), int(rgb.shape[1]))
-    record = _base_record(s, np.asarray(image), out_shape)
+    engine = engine or DiffCutEngine()
+    levels = list(image) if is_multiscale(image) else [image]
+    base = ImageSource(levels[0], s.channel_axis, s.channels)
+    source, level = base, 0
+    if len(levels) > 1 and not _tiled(base, s):
+        from napari_diffcut.lazy import choose_level
+
+        latent = yield from _latent_side(s, engine)
+        level = choose_level(levels, latent * 8, base.channel_axis)
+        axis = NO_CHANNEL_AXIS if base.channel_axis is None else base.channel_axis
+        source = ImageSource(levels[level], axis, s.channels)
+    info = {"source_level": level, "levels_in": len(levels)} if len(levels) > 1 else {}
+    if base.stack_shape:
+        from napari_diffcut.stacks import iter_segment_stack
+
+        return (yield from iter_segment_stack(
+            source, s, engine=engine, contrast_limits=contrast_limits, out=out,
+            plane_shape=base.plane_shape, info=info,
+        ))
+    if _tiled(base, s):
+        from napari_diffcut.tiling import iter_segment_tiled
+
+        return (yield from iter_segment_tiled(
+            base, (), s, engine=engine, contrast_limits=contrast_limits, out=out,
+        ))
+    return (yield from iter_segment_plane(
+        source, (), s, engine=engine, contrast_limits=contrast_limits,
+        out_shape=base.plane_shape, info=info,
+    ))
+
+
+def _tiled(source: Any, s: Settings) -> bool:
+    """Tiled mode: a tile size is set and the plane is larger than one tile."""
+    return s.tile_size is not None and max(source.plane_shape) > s.tile_size
+
+
+def _latent_side(s: Settings, engine: DiffCutEngine) -> Generator[Progress, None, int]:
+    """Native latent side of the run (loads the diffusion model when needed)."""
+    if s.working_size is not None:
+        return s.working_size // PIXELS_PATCH
+    if s.backbone == "pixels":
+        return PIXELS_NATIVE_LATENT
+    yield Progress("load", 0, 1, f"loading {s.model}")
+    return int(engine.model_for(s).native_latent)
+
+
+def _budget_bytes(s: Settings) -> int:
+    return int(s.memory_budget) * (1 << 20)
+
+
+def iter_segment_plane(
+    source: Any,
+    index: tuple[int, ...],
+    s: Settings,
+    *,
+    engine: DiffCutEngine,
+    contrast_limits: Any = None,
+    out_shape: tuple[int, int] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Generator[Progress, None, Segmentation]:
+    """Segment one (Y, X) plane of an :class:`~napari_diffcut.lazy.ImageSource` (downscale mode).
+
+    A plane whose float RGB fits the memory budget is read whole (one read
+    per plane for dask and zarr) and converted with exact percentiles, as any
+    2-D image. Larger planes are read in strips and block-averaged on the fly
+    down to about the working size, with percentiles from a strided sample,
+    so memory stays bounded. Labels come back at ``out_shape`` (default: the plane's size;
+    level 0 for a multiscale input read at a coarser level).
+    """
+    from napari_diffcut.lazy import working_target
+
+    plane = source.plane_shape
+    full = tuple(out_shape or plane)
+    if plane[0] * plane[1] * 12 <= _budget_bytes(s):
+        # Read whole (one access per plane for dask/zarr); exact percentiles.
+        rgb = source.plane_rgb(index, s.normalize, contrast_limits)
+    else:
+        latent = yield from _latent_side(s, engine)
+        limits = source.limits(index, s.normalize, contrast_limits)
+        rgb = source.shrunk_rgb(index, working_target(plane, latent), limits)
+    record = _base_record(s, source, full)
+    if index:
+        record["plane_index"] = list(index)
+    record.update(info or {})
+    return (yield from segment_rgb(rgb, s, engine=engine, record=record, out_shape=full))
+
+
+def segment_rgb(
+    rgb: NDArray[np.float32],
+    s: Settings,
+    *,
+    engine: DiffCutEngine,
+    record: dict[str, Any],
+    out_shape: tuple[int, ...] | None = None,
+    lazy: bool | None = None,
+) -> Generator[Progress, None, Segmentation]:
+    """Diffuse, walk, cut and upsample an RGB float image in [0, 1] (the 2-D core).
+
+    ``rgb`` may already be shrunk towards the working size; ``out_shape``
+    (default: ``rgb``'s) is the size of the label image and sets the latent
+    grid's aspect. Labels beyond the memory budget stay lazy
+    (:class:`~napari_diffcut.lazy.LazySegmentation`) unless ``lazy`` is False
+    (tiles); ``lazy=True`` forces it.
+    """
+    out_hw = (int((out_shape or rgb.shape)[0]), int((out_shape or rgb.shape)[1]))
     if s.backbone == "pixels":
         from napari_diffcut.core.pixels import pixel_transition
 
-        grid = latent_grid(out_shape, PIXELS_NATIVE_LATENT)
+        latent = s.working_size // PIXELS_PATCH if s.working_size else PIXELS_NATIVE_LATENT
+        grid = latent_grid(out_hw, latent)
         yield Progress("walk", 0, 1, f"pixels backbone on a {grid[0]}x{grid[1]} grid")
         work = resize(rgb, (grid[0] * PIXELS_PATCH, grid[1] * PIXELS_PATCH))
+        record["working_size"] = [grid[0] * PIXELS_PATCH, grid[1] * PIXELS_PATCH]
         transition = pixel_transition(work, grid)
     else:
-        grid, transition = yield from _diffuse(rgb, s, engine or DiffCutEngine(), record)
+        grid, transition = yield from _diffuse(
+            rgb, s, engine, record, image_shape=out_hw
+        )
     record["grid"] = list(grid)
     yield Progress("walk", 1, 1, f"power {s.power}, {s.graph} graph")
     affinity, walk = build_affinity(transition, power=s.power, graph=s.graph)
@@ -327,12 +556,41 @@ def iter_segment(
     tree = yield from _cut(affinity, s)
     del affinity
     hierarchy = Hierarchy(tree, grid, s.threshold)
-    yield Progress("upsample", 0, 1, f"labels at {out_shape[0]}x{out_shape[1]}")
-    pixel_leaf = soft_upsample(walk, tree.leaf_of_patch, grid, out_shape)
+    yield Progress("upsample", 0, 1, f"labels at {out_hw[0]}x{out_hw[1]}")
     record["auto_threshold"] = hierarchy.auto_threshold
     record["tree_nodes"] = tree.n_nodes
+    if lazy is None:
+        lazy = out_hw[0] * out_hw[1] * 8 > _budget_bytes(s)
+    if lazy:
+        from napari_diffcut.lazy import LazySegmentation, lazy_pixel_leaf, leaf_maps
+
+        maps, uniq = leaf_maps(walk, tree.leaf_of_patch, grid)
+        del walk
+        record["lazy_labels"] = True
+        yield Progress("upsample", 1, 1, "done (labels computed lazily, block by block)")
+        return LazySegmentation(hierarchy, lazy_pixel_leaf(maps, uniq, out_hw), record)
+    pixel_leaf = soft_upsample(walk, tree.leaf_of_patch, grid, out_hw)
     yield Progress("upsample", 1, 1, "done")
     return Segmentation(hierarchy, pixel_leaf.astype(np.int32), record)
+
+
+def relay(
+    gen: Generator[Progress, None, Any], prefix: str
+) -> Generator[Progress, None, Any]:
+    """Re-yield ``gen``'s events with ``prefix`` on their messages; return its value.
+
+    Closing the relay closes ``gen`` (so a cancelled stack or tiled run stops
+    its current plane or tile, UNet thread included).
+    """
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield Progress(event.stage, event.step, event.total, prefix + event.message)
+    finally:
+        gen.close()
 
 
 def _cut(affinity: NDArray[np.float64], s: Settings) -> Generator[Progress, None, Any]:
@@ -347,12 +605,24 @@ def _cut(affinity: NDArray[np.float64], s: Settings) -> Generator[Progress, None
 
 
 def _diffuse(
-    rgb: NDArray[np.float32], s: Settings, engine: DiffCutEngine, record: dict[str, Any]
+    rgb: NDArray[np.float32],
+    s: Settings,
+    engine: DiffCutEngine,
+    record: dict[str, Any],
+    image_shape: tuple[int, int] | None = None,
 ) -> Generator[Progress, None, tuple[tuple[int, int], NDArray[np.float32]]]:
-    """Load the model, encode, run the UNet with capture, aggregate attention."""
+    """Load the model, encode, run the UNet with capture, aggregate attention.
+
+    ``image_shape`` is the label image's size when ``rgb`` was shrunk already
+    (it sets the latent grid's aspect); ``s.working_size`` overrides the
+    checkpoint's native working size.
+    """
     yield Progress("load", 0, 1, f"loading {s.model}")
     model = engine.model_for(s)
-    grid = latent_grid(rgb.shape[:2], model.native_latent)
+    latent = (
+        s.working_size // model.vae_scale_factor if s.working_size else model.native_latent
+    )
+    grid = latent_grid(image_shape or rgb.shape[:2], latent)
     record.update(
         device_used=str(model.device),
         dtype_used=str(model.dtype).replace("torch.", ""),
@@ -376,7 +646,7 @@ def _diffuse(
     return grid, aggregate_attention(per_res, weights)
 
 
-class _Cancelled(Exception):
+class _Cancelled(Exception):  # noqa: N818 - a private control-flow signal
     """Raised inside the UNet forward when the consumer closed the generator."""
 
 
@@ -441,7 +711,7 @@ def _attention_in_thread(
         worker.join()
 
 
-def _base_record(s: Settings, image: NDArray[Any], out_shape: tuple[int, int]) -> dict[str, Any]:
+def _base_record(s: Settings, image: Any, out_shape: tuple[int, ...]) -> dict[str, Any]:
     """JSON-serialisable record of everything needed to reproduce the run."""
     from napari_diffcut import __version__
 
@@ -462,7 +732,9 @@ def _base_record(s: Settings, image: NDArray[Any], out_shape: tuple[int, int]) -
     return rec
 
 
-def drain(gen: Generator[Progress, None, Any], progress: Callable[[Progress], None] | None = None) -> Any:
+def drain(
+    gen: Generator[Progress, None, Any], progress: Callable[[Progress], None] | None = None
+) -> Any:
     """Run a progress generator to the end, passing events to ``progress``."""
     while True:
         try:
@@ -486,16 +758,26 @@ def segment(
     min_size: int = 16,
     max_depth: int = 8,
     seed: int = 0,
+    channel_axis: int | str | None = None,
+    channels: Sequence[int] | None = None,
+    normalize: tuple[float, float] | None = (1.0, 99.8),
+    tile_size: int | None = None,
+    consistent_stack: bool = False,
+    contrast_limits: Any = None,
+    out: Any = None,
     progress: Callable[[Progress], None] | None = None,
     engine: DiffCutEngine | None = None,
     **settings: Any,
-) -> Segmentation:
-    """Zero-shot hierarchical segmentation of a 2-D image.
+) -> Any:
+    """Zero-shot hierarchical segmentation of an image, a stack or a large image.
 
     Parameters
     ----------
-    image : array, shape (Y, X) or (Y, X, C)
-        Grey, RGB(A) or multichannel (channels last); any dtype, any aspect.
+    image : array-like, shape (..., Y, X) or (..., Y, X, C), or a multiscale list
+        Grey, RGB(A) or multichannel; any dtype, any aspect; numpy, dask or
+        zarr (read one plane or tile at a time); or a napari multiscale list
+        (largest first; run on the level closest to the working size).
+        Axes before (Y, X) are a stack, segmented plane by plane.
     model : str
         Hugging Face repo id or local diffusers folder.
     backbone : {"diffusion", "pixels"}
@@ -516,17 +798,44 @@ def segment(
         Maximum tree depth.
     seed : int
         Seeds the Lanczos start vectors and any noise.
+    channel_axis : int, "none" or None
+        Axis holding channels. None infers it: a last axis of at most 4 (or
+        any last axis when ``channels`` is given) is channels; otherwise there
+        is none (see :func:`~napari_diffcut.core.image.resolve_channel_axis`).
+    channels : sequence of int, optional
+        Up to 3 channels mapped to R, G, B (default: the first 3; one channel
+        is grey).
+    normalize : (low, high) percentiles or None
+        Per-channel percentile window for non-uint8 data (None: min-max).
+    tile_size : int, optional
+        Tiled mode: images larger than this many pixels are cut into
+        overlapping tiles segmented on their own and stitched (one label per
+        object across tile borders). None: downscale mode, the whole image
+        at the working size.
+    consistent_stack : bool
+        Stacks: match segments between neighbouring planes so that a region
+        keeps its label through the stack.
+    contrast_limits : (low, high) or one pair per picked channel, optional
+        Intensity window instead of percentiles (napari's layer limits).
+    out : str, Path or array-like, optional
+        zarr path or array receiving the labels of tiled and stacked runs.
     progress : callable, optional
         Called with each :class:`Progress` event.
     engine : DiffCutEngine, optional
         Reuse a loaded model across calls.
     **settings
         Further :class:`Settings` fields (dtype, timestep, steps, noise,
-        resolution_weights, revision, allow_pickle, channels, normalize).
+        resolution_weights, revision, allow_pickle, working_size,
+        tile_overlap, memory_budget).
 
     Returns
     -------
     Segmentation
+        For a 2-D image (labels (Y, X) uint32).
+    StackSegmentation
+        For a stack: labels (..., Y, X) uint32, per-plane results.
+    TiledSegmentation
+        For a 2-D image in tiled mode: stitched labels (Y, X) uint32.
 
     Examples
     --------
@@ -539,7 +848,9 @@ def segment(
     s = make_settings(
         None, model=model, backbone=backbone, device=device, mode=mode, power=power,
         graph=graph, threshold=threshold, min_size=min_size, max_depth=max_depth, seed=seed,
-        **settings,
+        channel_axis=channel_axis, channels=channels, normalize=normalize,
+        tile_size=tile_size, consistent_stack=consistent_stack, **settings,
     )
-    return drain(iter_segment(image, s, engine=engine), progress)
+    gen = iter_segment(image, s, engine=engine, contrast_limits=contrast_limits, out=out)
+    return drain(gen, progress)
 

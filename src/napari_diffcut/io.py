@@ -15,6 +15,8 @@ from napari_diffcut.errors import DiffCutError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", *TIFF_SUFFIXES)
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 
 
 def read_image(path: str | os.PathLike[str]) -> NDArray[Any]:
@@ -48,13 +50,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_labels(path: str | os.PathLike[str], labels: NDArray[np.integer], *, atomic: bool = True) -> Path:
+def write_labels(
+    path: str | os.PathLike[str], labels: NDArray[np.integer], *, atomic: bool = True
+) -> Path:
     """Write a label image (or a stack of levels) as a compressed TIFF."""
     import io as _io
 
@@ -76,7 +81,9 @@ def write_labels(path: str | os.PathLike[str], labels: NDArray[np.integer], *, a
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Write JSON atomically (indent 2, sorted keys)."""
     p = Path(path)
-    atomic_write_bytes(p, (json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
+    atomic_write_bytes(
+        p, (json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n").encode()
+    )
     return p
 
 

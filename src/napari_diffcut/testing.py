@@ -131,7 +131,9 @@ def make_random_model(path: str | Path, config: str = "tiny", *, seed: int = 0) 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    UNet2DConditionModel(**_unet_kwargs(config)).save_pretrained(out / "unet", safe_serialization=True)
+    UNet2DConditionModel(**_unet_kwargs(config)).save_pretrained(
+        out / "unet", safe_serialization=True
+    )
     AutoencoderKL(**_vae_kwargs(config)).save_pretrained(out / "vae", safe_serialization=True)
     big = config == "sd15"
     text_cfg = CLIPTextConfig(
@@ -157,7 +159,12 @@ def make_random_model(path: str | Path, config: str = "tiny", *, seed: int = 0) 
         steps_offset=1,
     ).save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-                    "note": f"napari-diffcut random-weight test model ({config})"})
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "note": f"napari-diffcut random-weight test model ({config})",
+            }
+        )
     )
     return out

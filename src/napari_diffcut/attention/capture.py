@@ -5,7 +5,14 @@ probabilities. :class:`CaptureAttnProcessor` is installed on the self-attention
 (``attn1``) modules only. It computes the same output as the default processor
 and, as a side effect, adds the head-averaged probabilities into one fp32
 accumulator per attention grid (method.md 2.3). Per-head and per-layer maps are
-never kept; heads are processed in chunks that bound transient memory.
+never kept.
+
+Speed (benchmarks/NOTES.md): the scores are computed for blocks of query rows
+across all heads at once, so each block (16 MiB on CPU) stays in cache while it
+goes through the three passes (scores, softmax, probabilities @ values and the
+head sum); the matmuls keep all keys and all heads, so they stay large. The
+probabilities are reused for the output instead of a second SDPA pass, and the
+head sum is added straight into the grid's accumulator.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ class AttentionSink:
         the token count (``h/f * w/f`` tokens at downsampling factor ``f``).
     factors : set of int, optional
         Downsampling factors to capture (1 = latent grid). None captures all.
-    chunk_bytes : int
-        Bound on the fp32 score buffer of one head chunk.
+    chunk_bytes : int, optional
+        Bound on the fp32 score buffer of one block of query rows (all heads).
+        None picks a per-device default (:meth:`chunk_bytes_for`).
     on_layer : callable, optional
         Called after each captured layer (progress and cancellation checks).
     """
@@ -39,7 +47,7 @@ class AttentionSink:
         self,
         latent_shape: tuple[int, int],
         factors: set[int] | None = None,
-        chunk_bytes: int = 256 << 20,
+        chunk_bytes: int | None = None,
         on_layer: Callable[[], None] | None = None,
     ) -> None:
         self.latent_shape = latent_shape
@@ -48,6 +56,16 @@ class AttentionSink:
         self.on_layer = on_layer
         self.sums: dict[tuple[int, int], torch.Tensor] = {}
         self.counts: dict[tuple[int, int], int] = {}
+
+    def chunk_bytes_for(self, device: torch.device) -> int:
+        """Bound on one fp32 score block: ``chunk_bytes``, else a per-device default.
+
+        16 MiB on CPU keeps a block in the last-level cache between the passes
+        over it; 256 MiB on accelerators, where fewer, larger kernels are faster.
+        """
+        if self.chunk_bytes is not None:
+            return max(1, int(self.chunk_bytes))
+        return CPU_CHUNK_BYTES if device.type == "cpu" else DEVICE_CHUNK_BYTES
 
     def grid_for(self, n_tokens: int) -> tuple[tuple[int, int], int]:
         """Grid (h, w) and factor f of a layer with ``n_tokens`` query tokens."""
@@ -73,6 +91,23 @@ class AttentionSink:
         else:
             self.sums[grid] = mean.to(torch.float32).clone()
             self.counts[grid] = 1
+
+    def accumulator(
+        self, grid: tuple[int, int], shape: tuple[int, int], device: torch.device
+    ) -> torch.Tensor:
+        """The fp32 sum buffer of ``grid`` (zeros on first use), for in-place adds.
+
+        A caller adds the head mean of one layer call into it and then calls
+        :meth:`count`; :meth:`add` does both for a finished sum.
+        """
+        if grid not in self.sums:
+            self.sums[grid] = torch.zeros(shape, dtype=torch.float32, device=device)
+            self.counts[grid] = 0
+        return self.sums[grid]
+
+    def count(self, grid: tuple[int, int]) -> None:
+        """Record one more layer call added into ``grid``'s accumulator."""
+        self.counts[grid] = self.counts.get(grid, 0) + 1
 
     def means(self) -> dict[tuple[int, int], torch.Tensor]:
         """Layer- and step-averaged attention per grid."""
@@ -124,7 +159,9 @@ class CaptureAttnProcessor:
             query = attn.norm_q(query)
         if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
-        capture = attention_mask is None and encoder_hidden_states is None and self.sink.wants(seq_len)
+        capture = (
+            attention_mask is None and encoder_hidden_states is None and self.sink.wants(seq_len)
+        )
         if capture:
             out = self._attend_and_capture(query, key, value, seq_len)
         else:
@@ -149,26 +186,56 @@ class CaptureAttnProcessor:
     def _attend_and_capture(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seq_len: int
     ) -> torch.Tensor:
-        """Explicit attention in head chunks; add head-mean probabilities to the sink."""
+        """Explicit attention in blocks of query rows; add head-mean probabilities to the sink.
+
+        Each block holds all heads and all keys: scores ``q k^T / sqrt(d)`` in
+        fp32 into a reused buffer, softmax in place, the output block
+        ``probs @ v`` and the head sum, which goes straight into the grid's
+        fp32 accumulator scaled by ``1 / (batch * heads)``.
+        """
         batch, heads, n_q, head_dim = query.shape
         n_k = key.shape[2]
-        scale = 1.0 / math.sqrt(head_dim)
-        per_head = n_q * n_k * 4 * batch
-        chunk = max(1, min(heads, self.sink.chunk_bytes // max(per_head, 1)))
         grid, _ = self.sink.grid_for(seq_len)
+        acc = self.sink.accumulator(grid, (n_q, n_k), query.device)
+        budget = self.sink.chunk_bytes_for(query.device)
+        rows = _block_rows(n_q, budget // max(1, batch * heads * n_k * 4))
+        # Scaling the keys once is cheaper than scaling every score block.
+        keys_t = (key.float() * (1.0 / math.sqrt(head_dim))).transpose(-1, -2)
+        queries = query.float()
+        scores = torch.empty((batch, heads, rows, n_k), dtype=torch.float32, device=query.device)
         outs = []
-        probs_sum: torch.Tensor | None = None
-        for start in range(0, heads, chunk):
-            q = query[:, start : start + chunk].float()
-            k = key[:, start : start + chunk].float()
-            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
-            outs.append(torch.matmul(probs.to(value.dtype), value[:, start : start + chunk]))
-            part = probs.sum(dim=(0, 1))
-            probs_sum = part if probs_sum is None else probs_sum + part
-            del probs
-        assert probs_sum is not None
-        self.sink.add(grid, probs_sum, batch * heads)
-        return torch.cat(outs, dim=1)
+        inv_maps = 1.0 / (batch * heads)
+        for start in range(0, n_q, rows):
+            stop = min(n_q, start + rows)
+            block = scores if stop - start == rows else scores[:, :, : stop - start]
+            torch.matmul(queries[:, :, start:stop], keys_t, out=block)
+            probs = _softmax_(block)
+            outs.append(torch.matmul(probs.to(value.dtype), value))
+            acc[start:stop].add_(probs.sum(dim=(0, 1)), alpha=inv_maps)
+        self.sink.count(grid)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+#: Score block bound on CPU (fits the last-level cache; see benchmarks/NOTES.md).
+CPU_CHUNK_BYTES = 16 << 20
+#: Score block bound on CUDA/MPS.
+DEVICE_CHUNK_BYTES = 256 << 20
+
+
+def _block_rows(n_q: int, fit: int) -> int:
+    """Rows per block: the largest power of two <= ``fit`` (>= 1), at most ``n_q``.
+
+    A power of two divides the token counts of every grid, so no short last block.
+    """
+    fit = max(1, min(n_q, fit))
+    return 1 << (fit.bit_length() - 1)
+
+
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place on CPU (one buffer fewer)."""
+    if scores.device.type == "cpu" and scores.is_contiguous():
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    return torch.softmax(scores, dim=-1)
 
 
 def self_attention_names(unet: Any) -> list[str]:

@@ -83,8 +83,11 @@ def iter_attention(
         x = latents.double()
         with capture_self_attention(unet, sink):
             for i, t in enumerate(ts):
-                eps = unet(x.to(model.dtype), torch.tensor([t], device=model.device),
-                           encoder_hidden_states=emb).sample.double()
+                eps = unet(
+                    x.to(model.dtype),
+                    torch.tensor([t], device=model.device),
+                    encoder_hidden_states=emb,
+                ).sample.double()
                 if i + 1 < len(ts):
                     x = _ddim_invert_step(model, x, eps, t, ts[i + 1])
                 yield i + 1, len(ts)

@@ -15,12 +15,21 @@ from numpy.typing import NDArray
 from napari_diffcut.core.walk import interpolation_matrix
 
 Normalize = tuple[float, float] | None
+#: A last axis up to this size is read as channels when ``channel_axis`` is not
+#: given: grey+alpha, RGB, RGBA or up to 4 fluorescence channels (napari reads
+#: a last axis of 3 or 4 as RGB(A) the same way); nobody images planes that narrow.
+MAX_IMPLICIT_CHANNELS = 4
+#: A last axis between MAX_IMPLICIT_CHANNELS and this size could be channels or
+#: a narrow image; such arrays must say which (``channel_axis`` or ``channels``).
+AMBIGUOUS_LAST_AXIS = 16
+#: ``channel_axis`` value meaning "this array has no channel axis".
+NO_CHANNEL_AXIS = "none"
 
 
 def _percentile_scale(
     image: NDArray[np.floating], normalize: Normalize
 ) -> NDArray[np.float32]:
-    """Map [p_lo, p_hi] percentiles (or min/max when ``normalize`` is None) to [0, 1]."""
+    """Map [p_lo, p_hi] percentiles (min/max when ``normalize`` is None) to [0, 1]."""
     data = image.astype(np.float32, copy=False)
     finite = data[np.isfinite(data)]
     if finite.size == 0:
@@ -36,7 +45,7 @@ def _percentile_scale(
 
 
 def check_normalize(normalize: object) -> Normalize:
-    """Validate ``normalize``: None or a (low, high) percentile pair with 0 <= low < high <= 100."""
+    """Check ``normalize``: None or percentiles (low, high), 0 <= low < high <= 100."""
     if normalize is None:
         return None
     try:
@@ -51,12 +60,140 @@ def check_normalize(normalize: object) -> Normalize:
     return (lo, hi)
 
 
+def resolve_channel_axis(
+    shape: Sequence[int],
+    channel_axis: int | str | None = None,
+    channels: Sequence[int] | None = None,
+) -> int | None:
+    """Which axis of an array of ``shape`` holds channels (None: no channel axis).
+
+    Rules, in order:
+
+    1. ``channel_axis`` given: an int names the axis (negative counts from the
+       end); ``"none"`` says there is no channel axis.
+    2. A 2-D array has no channel axis.
+    3. A last axis of at most 4 is channels (grey+alpha, RGB, RGBA, 4 channels).
+    4. ``channels`` given: the last axis is channels (the 2-D (Y, X, C) convention).
+    5. A last axis of 5 to 16 is ambiguous (channels, or a very narrow image):
+       ``ValueError`` asking for ``channel_axis`` or ``channels``.
+    6. Otherwise there is no channel axis: every axis before (Y, X) is a stack axis.
+
+    A channels-first array such as (3, Y, X) is therefore a stack of 3 planes
+    unless ``channel_axis=0`` is passed, as napari shows it.
+
+    Examples
+    --------
+    >>> resolve_channel_axis((512, 512, 3)), resolve_channel_axis((5, 512, 512))
+    (2, None)
+    >>> resolve_channel_axis((2, 5, 64, 64), channel_axis=1)
+    1
+    """
+    ndim = len(shape)
+    if channel_axis is not None:
+        if isinstance(channel_axis, str):
+            if channel_axis.lower() != NO_CHANNEL_AXIS:
+                raise ValueError(
+                    "channel_axis must be an int, None (infer) or 'none', "
+                    f"got {channel_axis!r}"
+                )
+            return None
+        integer = isinstance(channel_axis, int | np.integer)
+        integer = integer and not isinstance(channel_axis, bool)
+        if not integer or ndim < 3 or not -ndim <= int(channel_axis) < ndim:
+            raise ValueError(
+                "channel_axis must be an axis of an image with >= 3 dimensions "
+                f"(-{ndim} to {ndim - 1}), got {channel_axis!r} "
+                f"for shape {tuple(shape)}"
+            )
+        return int(channel_axis) % ndim
+    if ndim < 3:
+        return None
+    last = int(shape[-1])
+    if last <= MAX_IMPLICIT_CHANNELS or channels is not None:
+        return ndim - 1
+    if last <= AMBIGUOUS_LAST_AXIS:
+        raise ValueError(
+            f"image of shape {tuple(shape)} has a last axis of {last}: pass "
+            f"channels=[i, j, k] (or channel_axis={ndim - 1}) to read it as channels, "
+            "or channel_axis='none' to read every axis before (Y, X) as a stack"
+        )
+    return None
+
+
+def pick_channels(n_channels: int, channels: Sequence[int] | None = None) -> list[int]:
+    """Indices of the channels mapped to R, G, B (1 to 3 of them).
+
+    Default: all channels when there are at most 3, else the first 3 (RGBA
+    drops alpha; more channels: the first three).
+    """
+    if channels is None:
+        return list(range(min(n_channels, 3)))
+    chans = [int(c) for c in channels]
+    n = n_channels
+    if not 1 <= len(chans) <= 3 or any(not -n <= c < n for c in chans):
+        raise ValueError(
+            f"channels must list 1 to 3 indices in [0, {n_channels - 1}], "
+            f"got {list(channels)}"
+        )
+    return [c % n_channels for c in chans]
+
+
+def channel_limits(
+    sample: NDArray[np.generic], normalize: Normalize = (1.0, 99.8)
+) -> NDArray[np.float64]:
+    """Per-channel (low, high) display limits from a (sub)sample of an image.
+
+    ``sample`` is (y, x) or (y, x, C) with the channels already picked. uint8
+    data keeps (0, 255) (already in display range); other data uses the
+    ``normalize`` percentiles of its finite values (None: min and max). The
+    limits of one sample are then applied to every tile of a large image, so
+    that tiles share one intensity mapping.
+
+    Returns
+    -------
+    ndarray of float64, shape (C, 2)
+    """
+    arr = np.asarray(sample)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    normalize = check_normalize(normalize)
+    out = np.empty((arr.shape[-1], 2), np.float64)
+    for c in range(arr.shape[-1]):
+        if arr.dtype == np.uint8:
+            out[c] = (0.0, 255.0)
+            continue
+        data = arr[..., c].astype(np.float32, copy=False)
+        finite = data[np.isfinite(data)]
+        if finite.size == 0:
+            out[c] = (0.0, 1.0)
+        elif normalize is None:
+            out[c] = (float(finite.min()), float(finite.max()))
+        else:
+            out[c] = [float(v) for v in np.percentile(finite, normalize)]
+    return out
+
+
+def _as_limits(contrast_limits: object, n_channels: int) -> NDArray[np.float64]:
+    """One (low, high) pair for all channels, or one pair per channel -> (C, 2)."""
+    lim = np.asarray(contrast_limits, np.float64)
+    if lim.shape == (2,):
+        lim = np.repeat(lim[None], n_channels, axis=0)
+    if lim.shape != (n_channels, 2) or not np.isfinite(lim).all():
+        raise ValueError(
+            "contrast_limits must be (low, high) or one (low, high) pair per picked "
+            f"channel ({n_channels}), got {contrast_limits!r}"
+        )
+    return lim
+
+
 def to_rgb(
     image: NDArray[np.generic],
     *,
     channels: Sequence[int] | None = None,
     normalize: Normalize = (1.0, 99.8),
-    contrast_limits: tuple[float, float] | None = None,
+    contrast_limits: object = None,
 ) -> NDArray[np.float32]:
     """Turn a 2-D grey, RGB(A) or multichannel (Y, X[, C]) image into RGB in [0, 1].
 
@@ -71,9 +208,10 @@ def to_rgb(
     normalize : (low, high) percentiles or None
         Applied per channel to non-uint8 data (8/12/16-bit, float). uint8 data
         is already in display range and is divided by 255. None: min-max.
-    contrast_limits : (low, high), optional
-        When given (napari's layer contrast limits), used instead of the
-        percentiles: what the user sees is what the model sees.
+    contrast_limits : (low, high) or sequence of (low, high), optional
+        When given (napari's layer contrast limits, or limits shared by all
+        tiles of a large image, see :func:`channel_limits`), used instead of
+        the percentiles: one pair for all channels or one per picked channel.
 
     Returns
     -------
@@ -88,38 +226,47 @@ def to_rgb(
         arr = arr[..., None]
     if arr.ndim != 3:
         raise ValueError(
-            f"image must be 2-D (Y, X) or (Y, X, C) with channels last, got shape {arr.shape}"
+            "image must be 2-D (Y, X) or (Y, X, C) with channels last, "
+            f"got shape {arr.shape}"
         )
-    n_ch = arr.shape[-1]
-    if channels is not None:
-        chans = [int(c) for c in channels]
-        if not 1 <= len(chans) <= 3 or any(not -n_ch <= c < n_ch for c in chans):
-            raise ValueError(
-                f"channels must list 1 to 3 indices in [0, {n_ch - 1}], got {list(channels)}"
-            )
-        arr = arr[..., chans]
-    elif n_ch == 4:
-        arr = arr[..., :3]  # RGBA: drop alpha
-    elif n_ch > 3:
-        arr = arr[..., :3]
+    picked = pick_channels(arr.shape[-1], channels)
+    if picked != list(range(arr.shape[-1])):
+        arr = arr[..., picked]
     normalize = check_normalize(normalize)
     if contrast_limits is not None:
-        lo, hi = float(contrast_limits[0]), float(contrast_limits[1])
-        if hi <= lo:
-            hi = lo + 1.0
-        out = np.clip((arr.astype(np.float32) - lo) / (hi - lo), 0, 1)
+        out = apply_limits(arr, _as_limits(contrast_limits, arr.shape[-1]))
     elif arr.dtype == np.uint8:
         out = arr.astype(np.float32) / 255.0
     else:
-        out = np.stack(
-            [_percentile_scale(arr[..., c], normalize) for c in range(arr.shape[-1])], -1
-        )
-    out = out.astype(np.float32, copy=False)
-    if out.shape[-1] == 1:
-        out = np.repeat(out, 3, axis=-1)
-    elif out.shape[-1] == 2:
-        out = np.concatenate([out, np.zeros_like(out[..., :1])], axis=-1)
+        n = arr.shape[-1]
+        out = np.stack([_percentile_scale(arr[..., c], normalize) for c in range(n)], 2)
+    return grey_or_rgb(out.astype(np.float32, copy=False))
+
+
+def apply_limits(
+    image: NDArray[np.generic], limits: NDArray[np.float64]
+) -> NDArray[np.float32]:
+    """Map each channel's (low, high) to [0, 1], clipped; NaN becomes 0.
+
+    ``image`` is (Y, X, C) and ``limits`` (C, 2).
+    """
+    out = np.empty(image.shape, np.float32)
+    for c in range(image.shape[-1]):
+        lo, hi = float(limits[c, 0]), float(limits[c, 1])
+        if hi <= lo:
+            hi = lo + 1.0
+        band = (image[..., c].astype(np.float32) - lo) / (hi - lo)
+        out[..., c] = np.clip(np.nan_to_num(band, nan=0.0), 0.0, 1.0)
     return out
+
+
+def grey_or_rgb(image: NDArray[np.float32]) -> NDArray[np.float32]:
+    """(Y, X, 1..3) float -> (Y, X, 3): one channel is grey, two fill red and green."""
+    if image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=-1)
+    if image.shape[-1] == 2:
+        return np.concatenate([image, np.zeros_like(image[..., :1])], axis=-1)
+    return image
 
 
 def latent_grid(

@@ -1,0 +1,220 @@
+"""Result layer-data tuples, edit detection and the update plan (pure: no viewer, no Qt)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import napari_diffcut
+from napari_diffcut._layers import (
+    LAYER_KEY,
+    ExistingLayer,
+    Geometry,
+    cut_data,
+    displayed_plane_axes,
+    expected_data,
+    is_edited,
+    label_features,
+    level_layer_name,
+    main_layer_name,
+    plan_layer_updates,
+    plane_geometry,
+    plane_selection,
+    result_layer_data,
+)
+from napari_diffcut.engine import Segmentation
+
+
+@pytest.fixture(scope="module")
+def seg() -> Segmentation:
+    """A real multi-level result of the weight-free backbone (fast: small working size)."""
+    img = np.zeros((48, 64, 3), np.uint8)
+    img[:, 32:] = 200
+    img[5:20, 5:20] = (200, 0, 0)
+    img[30:45, 40:60] = (0, 0, 150)
+    return napari_diffcut.segment(
+        img, backbone="pixels", working_size=128, min_size=4, max_depth=3, threshold=0.9
+    )
+
+
+def existing_from(tuples: list, **overrides: object) -> list[ExistingLayer]:
+    """ExistingLayer records of tuples as if they had been added unchanged."""
+    return [ExistingLayer(kw["name"], data, kw["metadata"]) for data, kw, _ in tuples]
+
+
+def test_names() -> None:
+    assert main_layer_name("cells") == "cells diffcut"
+    assert level_layer_name("cells", 2) == "cells diffcut level 2"
+
+
+def test_result_layer_data_main_then_levels(seg: Segmentation) -> None:
+    geo = Geometry(scale=(0.5, 0.25), translate=(1.0, 2.0), units=("um", "um"),
+                   axis_labels=("y", "x"))
+    tuples = result_layer_data(seg, "img", geometry=geo)
+    assert len(tuples) == 1 + len(seg.levels)
+    names = [kw["name"] for _, kw, _ in tuples]
+    assert names == ["img diffcut"] + [f"img diffcut level {d}" for d in range(1, len(seg.levels) + 1)]
+    assert all(kind == "labels" for *_, kind in tuples)
+    assert [kw["visible"] for _, kw, _ in tuples] == [True] + [False] * len(seg.levels)
+    np.testing.assert_array_equal(tuples[0][0], seg.labels)
+    for (data, _, _), level in zip(tuples[1:], seg.levels, strict=True):
+        np.testing.assert_array_equal(data, level)
+    for _, kw, _ in tuples:
+        assert kw["scale"] == (0.5, 0.25)
+        assert kw["translate"] == (1.0, 2.0)
+        assert kw["units"] == ("um", "um")
+        assert kw["axis_labels"] == ("y", "x")
+
+
+def test_metadata_contract(seg: Segmentation) -> None:
+    tuples = result_layer_data(seg, "img")
+    main = tuples[0][1]["metadata"][LAYER_KEY]
+    assert set(main) >= {"settings", "version", "role", "level", "source", "threshold",
+                         "segmentation"}
+    assert main["role"] == "main" and main["level"] is None and main["source"] == "img"
+    assert main["segmentation"] is seg
+    assert main["version"] == napari_diffcut.__version__
+    assert main["threshold"] == pytest.approx(seg.threshold)
+    json.dumps(main["settings"])  # JSON-serialisable
+    assert main["settings"]["backbone"] == "pixels"
+    levels = [kw["metadata"][LAYER_KEY] for _, kw, _ in tuples[1:]]
+    assert [m["level"] for m in levels] == list(range(1, len(levels) + 1))
+    assert {m["role"] for m in levels} == {"level"}
+
+
+def test_features_one_row_per_label(seg: Segmentation) -> None:
+    labels = seg.labels
+    feats = label_features(seg, labels)
+    values, counts = np.unique(labels, return_counts=True)
+    np.testing.assert_array_equal(feats["index"], values)
+    np.testing.assert_array_equal(feats["area"], counts)
+    assert set(feats) == {"index", "level", "parent", "area", "ncut_cost"}
+    tree = seg.tree
+    for i, label in enumerate(feats["index"]):
+        node = tree[label - 1]  # label convention: node id + 1
+        assert feats["level"][i] == node.depth
+        assert feats["parent"][i] == node.parent + 1
+        np.testing.assert_equal(feats["ncut_cost"][i], node.cost)
+
+
+def test_features_skip_zero() -> None:
+    tuples_seg = napari_diffcut.segment(
+        np.tile(np.arange(64, dtype=np.uint8), (32, 1)) * 3, backbone="pixels",
+        working_size=128, min_size=4, max_depth=2,
+    )
+    labels = tuples_seg.labels.copy()
+    labels[:4, :4] = 0  # a user erased pixels
+    feats = label_features(tuples_seg, labels)
+    assert 0 not in feats["index"]
+    assert feats["area"].sum() == labels.size - 16
+
+
+def test_threshold_changes_cut_and_levels(seg: Segmentation) -> None:
+    low = result_layer_data(seg, "img", threshold=1e-6)  # only perfect (cost 0) splits
+    np.testing.assert_array_equal(low[0][0], seg.cut(1e-6))
+    high = result_layer_data(seg, "img", threshold=1.0)
+    assert len(np.unique(high[0][0])) > len(np.unique(low[0][0]))
+    np.testing.assert_array_equal(high[0][0], seg.cut(1.0))
+    assert len(high) - 1 == len(seg.levels_at(1.0))
+    assert high[0][1]["metadata"][LAYER_KEY]["threshold"] == 1.0
+    assert high[0][1]["metadata"][LAYER_KEY]["settings"]["threshold"] == 1.0
+
+
+def test_cut_data_levels_match_engine(seg: Segmentation) -> None:
+    for d, level in enumerate(seg.levels_at(0.5), start=1):
+        np.testing.assert_array_equal(cut_data(seg, seg.hierarchy.resolve(0.5), d), level)
+
+
+def test_is_edited_detects_paint(seg: Segmentation) -> None:
+    data, kw, _ = result_layer_data(seg, "img")[0]
+    meta = kw["metadata"]
+    assert not is_edited(data, meta)
+    np.testing.assert_array_equal(expected_data(meta), data)
+    painted = data.copy()
+    painted[0, 0] = painted.max() + 7
+    assert is_edited(painted, meta)
+    assert is_edited(data[:-1], meta)  # other shape
+    assert is_edited(data, {})  # not ours: cannot be verified, never overwritten
+    meta_auto = {LAYER_KEY: {**meta[LAYER_KEY], "threshold": "auto"}}  # reader style
+    seg_auto_data = seg.cut("auto")
+    assert not is_edited(seg_auto_data, meta_auto)
+
+
+def test_plan_adds_then_updates_in_place(seg: Segmentation) -> None:
+    tuples = result_layer_data(seg, "img")
+    first = plan_layer_updates([ExistingLayer("img", None, {}, False)], tuples)
+    assert [(n, upd) for n, upd, _ in first.steps] == [(kw["name"], False) for _, kw, _ in tuples]
+    assert first.remove == [] and first.protected == []
+    again = plan_layer_updates(existing_from(tuples), tuples)
+    assert [(n, upd) for n, upd, _ in again.steps] == [(kw["name"], True) for _, kw, _ in tuples]
+
+
+def test_plan_protects_edited_layer(seg: Segmentation) -> None:
+    tuples = result_layer_data(seg, "img")
+    existing = existing_from(tuples)
+    painted = tuples[0][0].copy()
+    painted[:3, :3] = 99
+    existing[0] = ExistingLayer(existing[0].name, painted, existing[0].metadata)
+    plan = plan_layer_updates(existing, tuples)
+    assert plan.steps[0][:2] == ("img diffcut [1]", False)
+    assert plan.protected == [("img diffcut", "img diffcut [1]")]
+    assert all(upd for _, upd, _ in plan.steps[1:])  # unedited levels are updated
+    # Next time, the unedited "[1]" layer is the one updated; the painted one stays.
+    existing.append(ExistingLayer("img diffcut [1]", tuples[0][0], tuples[0][1]["metadata"]))
+    plan = plan_layer_updates(existing, tuples)
+    assert plan.steps[0][:2] == ("img diffcut [1]", True)
+
+
+def test_plan_never_takes_foreign_layer(seg: Segmentation) -> None:
+    tuples = result_layer_data(seg, "img")
+    foreign = ExistingLayer("img diffcut", np.zeros(seg.shape, np.uint32), {"other": 1})
+    plan = plan_layer_updates([foreign], tuples)
+    assert plan.steps[0][:2] == ("img diffcut [1]", False)
+    # A result of another source with the same layer name is not ours either.
+    other = result_layer_data(seg, "other image")[0]
+    renamed = ExistingLayer("img diffcut", other[0], other[1]["metadata"])
+    assert plan_layer_updates([renamed], tuples).steps[0][:2] == ("img diffcut [1]", False)
+
+
+def test_plan_removes_stale_unedited_levels(seg: Segmentation) -> None:
+    many = result_layer_data(seg, "img", threshold=1.0)
+    few = result_layer_data(seg, "img", threshold=1e-6)
+    assert len(many) > len(few)
+    existing = existing_from(many)
+    # The user painted on the deepest level: it must survive.
+    deep = existing[-1]
+    edited = np.asarray(deep.data).copy()
+    edited[0, 0] = 12345
+    existing[-1] = ExistingLayer(deep.name, edited, deep.metadata)
+    plan = plan_layer_updates(existing, few)
+    expected_removed = [kw["name"] for _, kw, _ in many[len(few):-1]]
+    assert plan.remove == expected_removed
+    assert deep.name not in plan.remove
+
+
+def test_plane_selection_and_geometry() -> None:
+    index, plane = plane_selection((5, 40, 50), (2.6, 10.0, 3.0), (1, 2))
+    assert index == (3, slice(None), slice(None))
+    assert plane == [3, None, None]
+    index, _ = plane_selection((5, 40, 50), (-3.0, 0, 0), (1, 2))
+    assert index[0] == 0  # clipped
+
+    class FakeLayer:
+        scale = (2.0, 0.5, 0.25)
+        translate = (1.0, 2.0, 3.0)
+        units = ("s", "um", "um")
+        axis_labels = ("t", "y", "x")
+
+    geo = plane_geometry(FakeLayer())
+    assert geo == Geometry((0.5, 0.25), (2.0, 3.0), ("um", "um"), ("y", "x"))
+
+
+def test_displayed_plane_axes() -> None:
+    assert displayed_plane_axes(3, 3, (1, 2)) == (1, 2)
+    assert displayed_plane_axes(3, 3, (2, 1)) == (1, 2)  # swapped Y/X is fine
+    assert displayed_plane_axes(3, 4, (2, 3)) == (1, 2)  # layer with fewer dims
+    assert displayed_plane_axes(3, 3, (0, 1, 2)) == (1, 2)  # 3-D view: the last two
+    with pytest.raises(ValueError, match="last two"):
+        displayed_plane_axes(3, 3, (0, 2))
