@@ -34,7 +34,9 @@ def viewer(make_napari_viewer_proxy: Any) -> Any:
 
 def add_result(viewer: Any, seg: Segmentation) -> list[Any]:
     """Add the plugin's layers for ``seg`` (main, then levels)."""
-    return [viewer.add_labels(data, **kwargs) for data, kwargs, _ in result_layer_data(seg, "cells")]
+    return [
+        viewer.add_labels(data, **kwargs) for data, kwargs, _ in result_layer_data(seg, "cells")
+    ]
 
 
 def activate(viewer: Any, layer: Any) -> None:
@@ -51,10 +53,19 @@ def click(layer: Any, yx: tuple[float, float], *, drag_px: float = 0.0) -> None:
     from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
 
     def event(kind: str, pos: tuple[float, float]) -> Any:
-        return ReadOnlyWrapper(SimpleNamespace(
-            type=kind, position=yx, view_direction=None, dims_displayed=[0, 1],
-            pos=np.asarray(pos), button=1, modifiers=(), is_dragging=False, handled=False,
-        ))
+        return ReadOnlyWrapper(
+            SimpleNamespace(
+                type=kind,
+                position=yx,
+                view_direction=None,
+                dims_displayed=[0, 1],
+                pos=np.asarray(pos),
+                button=1,
+                modifiers=(),
+                is_dragging=False,
+                handled=False,
+            )
+        )
 
     raw = unwrap(layer)
     mouse_press_callbacks(raw, event("mouse_press", (50.0, 50.0)))
@@ -218,3 +229,21 @@ def test_export_button_function(viewer: Any, seg: Segmentation, qtbot: Any, tmp_
     np.testing.assert_array_equal(tifffile.imread(tif), main.data)
     again = editor.export_to(str(tmp_path))
     assert again is not None and again[0].name == "cells_diffcut-1.tif"
+
+
+def test_new_data_clears_the_history_and_closing_detaches(
+    viewer: Any, seg: Segmentation, qtbot: Any
+) -> None:
+    level1 = add_result(viewer, seg)[1]
+    activate(viewer, level1)
+    editor = HierarchyEditor(viewer)
+    qtbot.addWidget(editor.native)
+    original = np.array(level1.data)
+    assert editor.split(int(original[0, 0]))
+    assert editor.history().can_undo
+    level1.data = original.copy()  # e.g. the plugin re-ran the model
+    assert not editor.history().can_undo and not editor.undo_button.enabled
+    assert editor._on_mouse in unwrap(level1).mouse_drag_callbacks
+    editor.native.destroyed.emit()  # what Qt sends when the dock widget is deleted
+    assert editor._on_mouse not in unwrap(level1).mouse_drag_callbacks
+    assert editor.layer is None

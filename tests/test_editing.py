@@ -119,7 +119,9 @@ def test_paint_edits_survive_a_split(tree: LabelTree, pixel_leaf: np.ndarray) ->
     np.testing.assert_array_equal(tree.merge(out, 6), labels)
 
 
-def test_merge_keeps_paint_outside_the_parent_subtree(tree: LabelTree, pixel_leaf: np.ndarray) -> None:
+def test_merge_keeps_paint_outside_the_parent_subtree(
+    tree: LabelTree, pixel_leaf: np.ndarray
+) -> None:
     labels = level(pixel_leaf, [1, 1, 2, 3, 4, 2, 2, 2, 2])  # 4 | 5 | 3
     labels[0, 7] = 4  # label 4 (under node 1) painted onto region 3
     out = tree.merge(labels, 4)

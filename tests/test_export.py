@@ -39,8 +39,15 @@ def test_area_and_centroid_by_hand() -> None:
     labels[4, 5] = 2
     rows = label_table(labels)
     assert [r["label"] for r in rows] == [2, 7]  # sorted, no background
-    assert rows[0] == {"label": 2, "area": 1, "centroid_y": 4.0, "centroid_x": 5.0,
-                       "level": None, "parent": None, "ncut_cost": None}
+    assert rows[0] == {
+        "label": 2,
+        "area": 1,
+        "centroid_y": 4.0,
+        "centroid_x": 5.0,
+        "level": None,
+        "parent": None,
+        "ncut_cost": None,
+    }
     assert rows[1]["area"] == 6
     assert rows[1]["centroid_y"] == pytest.approx(1.5)
     assert rows[1]["centroid_x"] == pytest.approx(2.0)

@@ -50,12 +50,15 @@ def test_names() -> None:
 
 
 def test_result_layer_data_main_then_levels(seg: Segmentation) -> None:
-    geo = Geometry(scale=(0.5, 0.25), translate=(1.0, 2.0), units=("um", "um"),
-                   axis_labels=("y", "x"))
+    geo = Geometry(
+        scale=(0.5, 0.25), translate=(1.0, 2.0), units=("um", "um"), axis_labels=("y", "x")
+    )
     tuples = result_layer_data(seg, "img", geometry=geo)
     assert len(tuples) == 1 + len(seg.levels)
     names = [kw["name"] for _, kw, _ in tuples]
-    assert names == ["img diffcut"] + [f"img diffcut level {d}" for d in range(1, len(seg.levels) + 1)]
+    assert names == ["img diffcut"] + [
+        f"img diffcut level {d}" for d in range(1, len(seg.levels) + 1)
+    ]
     assert all(kind == "labels" for *_, kind in tuples)
     assert [kw["visible"] for _, kw, _ in tuples] == [True] + [False] * len(seg.levels)
     np.testing.assert_array_equal(tuples[0][0], seg.labels)
@@ -71,8 +74,15 @@ def test_result_layer_data_main_then_levels(seg: Segmentation) -> None:
 def test_metadata_contract(seg: Segmentation) -> None:
     tuples = result_layer_data(seg, "img")
     main = tuples[0][1]["metadata"][LAYER_KEY]
-    assert set(main) >= {"settings", "version", "role", "level", "source", "threshold",
-                         "segmentation"}
+    assert set(main) >= {
+        "settings",
+        "version",
+        "role",
+        "level",
+        "source",
+        "threshold",
+        "segmentation",
+    }
     assert main["role"] == "main" and main["level"] is None and main["source"] == "img"
     assert main["segmentation"] is seg
     assert main["version"] == napari_diffcut.__version__
@@ -101,8 +111,11 @@ def test_features_one_row_per_label(seg: Segmentation) -> None:
 
 def test_features_skip_zero() -> None:
     tuples_seg = napari_diffcut.segment(
-        np.tile(np.arange(64, dtype=np.uint8), (32, 1)) * 3, backbone="pixels",
-        working_size=128, min_size=4, max_depth=2,
+        np.tile(np.arange(64, dtype=np.uint8), (32, 1)) * 3,
+        backbone="pixels",
+        working_size=128,
+        min_size=4,
+        max_depth=2,
     )
     labels = tuples_seg.labels.copy()
     labels[:4, :4] = 0  # a user erased pixels
@@ -189,7 +202,7 @@ def test_plan_removes_stale_unedited_levels(seg: Segmentation) -> None:
     edited[0, 0] = 12345
     existing[-1] = ExistingLayer(deep.name, edited, deep.metadata)
     plan = plan_layer_updates(existing, few)
-    expected_removed = [kw["name"] for _, kw, _ in many[len(few):-1]]
+    expected_removed = [kw["name"] for _, kw, _ in many[len(few) : -1]]
     assert plan.remove == expected_removed
     assert deep.name not in plan.remove
 
@@ -218,3 +231,35 @@ def test_displayed_plane_axes() -> None:
     assert displayed_plane_axes(3, 3, (0, 1, 2)) == (1, 2)  # 3-D view: the last two
     with pytest.raises(ValueError, match="last two"):
         displayed_plane_axes(3, 3, (0, 2))
+
+
+def test_layer_modules_import_light() -> None:
+    """_layers, scripting and the sample data need neither Qt, napari nor torch to import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, napari_diffcut._layers, napari_diffcut.scripting, "
+        "napari_diffcut._sample_data\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'napari', 'qtpy', 'magicgui', 'PyQt5', "
+        "'PyQt6', 'PySide6') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_features_tolerate_hand_painted_labels() -> None:
+    """A label painted by hand beyond the tree's node ids gets -1/NaN tree columns."""
+    import napari_diffcut
+    from napari_diffcut._layers import label_features
+
+    img = np.zeros((40, 60), np.uint8)
+    img[:, 30:] = 200
+    seg = napari_diffcut.segment(img, backbone="pixels", min_size=4)
+    labels = seg.labels.copy()
+    big = seg.hierarchy.arrays.n_nodes + 50
+    labels[:5, :5] = big
+    feats = label_features(seg, labels)
+    row = list(feats["index"]).index(big)
+    assert feats["level"][row] == -1 and feats["parent"][row] == -1
+    assert np.isnan(feats["ncut_cost"][row]) and feats["area"][row] == 25

@@ -73,8 +73,10 @@ def test_npe2_validate() -> None:
 
 
 @pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None
-        for m in ("napari_diffcut._reader", "napari_diffcut._writer")),
+    any(
+        importlib.util.find_spec(m) is None
+        for m in ("napari_diffcut._reader", "napari_diffcut._writer")
+    ),
     reason="reader/writer modules (issue #7) not installed yet",
 )
 def test_npe2_validate_imports() -> None:

@@ -33,8 +33,15 @@ def viewer() -> Iterator[napari.Viewer]:
 @pytest.fixture
 def smear(viewer: napari.Viewer) -> Any:
     image, _ = make_blood_smear(128, seed=1)
-    return viewer.add_image(image, name="smear", rgb=True, scale=(0.5, 0.25),
-                            translate=(3.0, 4.0), units=("um", "um"), axis_labels=("y", "x"))
+    return viewer.add_image(
+        image,
+        name="smear",
+        rgb=True,
+        scale=(0.5, 0.25),
+        translate=(3.0, 4.0),
+        units=("um", "um"),
+        axis_labels=("y", "x"),
+    )
 
 
 @pytest.fixture
@@ -61,8 +68,9 @@ def test_segment_layer_on_hidden_viewer(viewer: napari.Viewer, smear: Any) -> No
     layers = napari_diffcut.segment_layer(viewer, smear, **FAST)
     main, *levels = layers
     assert main.name == "smear diffcut" and main.visible
-    assert [lay.name for lay in levels] == [f"smear diffcut level {d}"
-                                            for d in range(1, len(levels) + 1)]
+    assert [lay.name for lay in levels] == [
+        f"smear diffcut level {d}" for d in range(1, len(levels) + 1)
+    ]
     assert levels and not any(lay.visible for lay in levels)
     assert all(isinstance(lay, napari.layers.Labels) for lay in layers)
     for lay in layers:
@@ -90,8 +98,9 @@ def test_rerun_updates_in_place(viewer: napari.Viewer, smear: Any) -> None:
     assert second[0] is first[0]
     assert len(viewer.layers) == 1 + len(second)
     assert second[0].metadata[LAYER_KEY]["threshold"] == 1.0
-    np.testing.assert_array_equal(second[0].data,
-                                  second[0].metadata[LAYER_KEY]["segmentation"].cut(1.0))
+    np.testing.assert_array_equal(
+        second[0].data, second[0].metadata[LAYER_KEY]["segmentation"].cut(1.0)
+    )
 
 
 def test_painted_layer_is_never_overwritten(viewer: napari.Viewer, smear: Any) -> None:

@@ -65,6 +65,7 @@ def test_16bit_multichannel_stack_equals_plane_by_plane() -> None:
         assert seg.planes[z].settings["plane_index"] == [z]
     record = json.loads(json.dumps(seg.settings))
     assert record["stack_shape"] == [4] and record["channel_axis"] == 1
+    assert record["channel_axis_used"] == 1 and record["channels_used"] == [0, 1]
     assert record["planes"] == 4 and record["consistent_stack"] is False
 
 
@@ -192,7 +193,7 @@ def test_stack_with_tiny_model(tiny_model: Path) -> None:
     stack[:, :, :30] //= 4
     events = []
     seg = segment(stack, model=str(tiny_model), min_size=2, consistent_stack=True,
-                  progress=events.append)
+                  working_size=128, progress=events.append)
     assert seg.labels.shape == (2, 40, 72) and seg.labels.min() >= 1
     assert [e.step for e in events if e.stage == "plane"] == [0, 1, 2]
     assert any(e.stage == "diffuse" and e.message.startswith("plane 2/2: ") for e in events)

@@ -1,4 +1,4 @@
-"""Saving and reopening results as *.diffcut.zarr: identical round trip, no pickles, clear errors."""
+"""Saving and reopening *.diffcut.zarr results: identical round trip, no pickles, clear errors."""
 
 from __future__ import annotations
 
@@ -26,7 +26,11 @@ def make_image() -> np.ndarray:
 @pytest.fixture(scope="module")
 def seg() -> Segmentation:
     return napari_diffcut.segment(
-        make_image(), backbone="pixels", working_size=128, min_size=4, max_depth=3,
+        make_image(),
+        backbone="pixels",
+        working_size=128,
+        min_size=4,
+        max_depth=3,
         threshold=0.9,
     )
 
@@ -48,8 +52,9 @@ def assert_same(a: Segmentation, b: Segmentation) -> None:
         np.testing.assert_array_equal(la, lb)
     assert tree_dicts(a) == tree_dicts(b)
     for name in ("parent", "size", "depth", "leaf_of_patch"):
-        np.testing.assert_array_equal(getattr(a.hierarchy.arrays, name),
-                                      getattr(b.hierarchy.arrays, name))
+        np.testing.assert_array_equal(
+            getattr(a.hierarchy.arrays, name), getattr(b.hierarchy.arrays, name)
+        )
     np.testing.assert_array_equal(a.hierarchy.arrays.cost, b.hierarchy.arrays.cost)
     np.testing.assert_array_equal(a.pixel_leaf, b.pixel_leaf)
     assert a.settings == b.settings
@@ -78,8 +83,9 @@ def test_round_trip_of_a_diffusion_result(tiny_model: Path, tmp_path: Path) -> N
 def test_saved_file_holds_levels_edits_and_version(seg: Segmentation, tmp_path: Path) -> None:
     edited = seg.labels.copy()
     edited[:5, :5] = 999  # a paint stroke with a new label
-    path = store.save(seg, tmp_path / "x", labels=edited, layer={"source": "cells",
-                                                                 "scale": [2.0, 0.5]})
+    path = store.save(
+        seg, tmp_path / "x", labels=edited, layer={"source": "cells", "scale": [2.0, 0.5]}
+    )
     result = store.read_result(path)
     np.testing.assert_array_equal(result.labels, edited)
     assert result.version == napari_diffcut.__version__
@@ -194,8 +200,9 @@ def test_damaged_group_header(saved: Path, tmp_path: Path) -> None:
 
 def test_newer_format_is_refused_with_advice(saved: Path, tmp_path: Path) -> None:
     path = copy_of(saved, tmp_path)
-    edit_json(path / "zarr.json",
-              lambda m: m["attributes"]["napari_diffcut"].update(format_version=99))
+    edit_json(
+        path / "zarr.json", lambda m: m["attributes"]["napari_diffcut"].update(format_version=99)
+    )
     with pytest.raises(DiffCutError, match="newer napari-diffcut.*upgrade"):
         napari_diffcut.load(path)
 
@@ -209,8 +216,10 @@ def test_missing_array(saved: Path, tmp_path: Path) -> None:
 
 def test_pickle_codec_is_refused_before_decoding(saved: Path, tmp_path: Path) -> None:
     path = copy_of(saved, tmp_path)
-    edit_json(path / "labels" / "zarr.json",
-              lambda m: m["codecs"].append({"name": "numcodecs.pickle", "configuration": {}}))
+    edit_json(
+        path / "labels" / "zarr.json",
+        lambda m: m["codecs"].append({"name": "numcodecs.pickle", "configuration": {}}),
+    )
     with pytest.raises(DiffCutError, match="no pickles"):
         napari_diffcut.load(path)
 

@@ -49,6 +49,7 @@ class HierarchyEditor(Container):
         self._viewer = viewer
         self._layer: Any = None
         self._tree_cache: tuple[Any, LabelTree] | None = None
+        self._writing = False  # our own ``layer.data = ...`` is not a replacement
         self.status = Label(value=_NO_LAYER)
         self.region = Label(value="")
         self.click_action = ComboBox(
@@ -88,6 +89,9 @@ class HierarchyEditor(Container):
         viewer.layers.selection.events.active.connect(self._on_active_layer)
         viewer.layers.events.removed.connect(self._on_layer_removed)
         self._on_active_layer()
+        self._refresh()
+        # A closed editor must not keep acting on clicks.
+        self.native.destroyed.connect(lambda *_: self._detach())
 
     # -- the layer we act on -------------------------------------------------------
     @property
@@ -105,7 +109,7 @@ class HierarchyEditor(Container):
             self._layer = layer
             layer.mouse_drag_callbacks.append(self._on_mouse)
             layer.events.selected_label.connect(self._refresh)
-            layer.events.data.connect(self._refresh)
+            layer.events.data.connect(self._on_data_replaced)
             self._on_click_action()
         self._refresh()
 
@@ -121,7 +125,7 @@ class HierarchyEditor(Container):
         if self._on_mouse in layer.mouse_drag_callbacks:
             layer.mouse_drag_callbacks.remove(self._on_mouse)
         layer.events.selected_label.disconnect(self._refresh)
-        layer.events.data.disconnect(self._refresh)
+        layer.events.data.disconnect(self._on_data_replaced)
 
     def _tree(self) -> LabelTree:
         """The tree of the current layer's segmentation (cached per segmentation)."""
@@ -190,7 +194,7 @@ class HierarchyEditor(Container):
         except (DiffCutError, ValueError) as exc:
             self._say(str(exc), warn=True)
             return False
-        _write(layer, edit)
+        self._write(layer, edit)
         self.history(layer).record(edit)
         # Select the result: the first child after a split, the parent after a merge.
         layer.selected_label = int(edit.new[0]) if edit.n_pixels else target
@@ -208,7 +212,7 @@ class HierarchyEditor(Container):
         except DiffCutError as exc:
             self._say(str(exc), warn=True)
             return False
-        _write(self._layer, edit)
+        self._write(self._layer, edit)
         self._say(f"{'undid' if undo else 'redid'} {edit.description}")
         return True
 
@@ -265,6 +269,12 @@ class HierarchyEditor(Container):
         elif action == "merge":
             self.merge(label)
 
+    def _on_data_replaced(self, _event: Any = None) -> None:
+        """New data (a re-run, a script): our recorded edits no longer apply."""
+        if not self._writing and self._layer is not None:
+            self.history(self._layer).clear()
+        self._refresh()
+
     def _refresh(self, _event: Any = None) -> None:
         """Update the status line, region description and button states."""
         layer = self._layer
@@ -289,6 +299,13 @@ class HierarchyEditor(Container):
             self.merge_button.enabled = in_tree and tree.parent_label(label) is not None
         except (DiffCutError, ValueError) as exc:
             self.region.value = str(exc)
+
+    def _write(self, layer: Any, edit: Edit) -> None:
+        self._writing = True
+        try:
+            _write(layer, edit)
+        finally:
+            self._writing = False
 
     def _say(self, message: str, *, warn: bool = False) -> None:
         """Status line + napari notification (a warning for refused actions)."""

@@ -116,12 +116,15 @@ def label_features(seg: Any, labels: NDArray[np.integer]) -> dict[str, NDArray[A
     index, area = index[present], area[present]
     arrays = seg.hierarchy.arrays
     node = index.astype(np.int64) - 1
+    # Labels painted by hand may name no tree node: their tree columns are -1 / NaN.
+    known = node < arrays.n_nodes
+    safe = np.where(known, node, 0)
     return {
         "index": index.astype(np.int64),
-        "level": arrays.depth[node].astype(np.int64),
-        "parent": (arrays.parent[node] + 1).astype(np.int64),
+        "level": np.where(known, arrays.depth[safe], -1).astype(np.int64),
+        "parent": np.where(known, arrays.parent[safe] + 1, -1).astype(np.int64),
         "area": area.astype(np.int64),
-        "ncut_cost": arrays.cost[node].astype(np.float64),
+        "ncut_cost": np.where(known, arrays.cost[safe], np.nan).astype(np.float64),
     }
 
 

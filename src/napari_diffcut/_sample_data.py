@@ -38,9 +38,7 @@ _NUCLEUS_RGB = (104, 44, 136)
 
 def _check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 64:
-        raise ValueError(
-            f"size must be an integer >= 64 (pixels per side), got {size!r}"
-        )
+        raise ValueError(f"size must be an integer >= 64 (pixels per side), got {size!r}")
     return int(size)
 
 
@@ -79,9 +77,7 @@ def _place_cells(
     return centres
 
 
-def make_blood_smear(
-    size: int = 256, seed: int = 0
-) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+def make_blood_smear(size: int = 256, seed: int = 0) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
     """A synthetic stained blood smear and its ground-truth classes.
 
     Parameters
@@ -148,9 +144,7 @@ def make_blood_smear(
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), classes
 
 
-def make_nuclei(
-    size: int = 256, seed: int = 0
-) -> tuple[NDArray[np.uint16], NDArray[np.uint16]]:
+def make_nuclei(size: int = 256, seed: int = 0) -> tuple[NDArray[np.uint16], NDArray[np.uint16]]:
     """A synthetic 16-bit fluorescence image of nuclei and its ground-truth instances.
 
     Parameters

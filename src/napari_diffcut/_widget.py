@@ -28,17 +28,19 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     Container,
+    FloatSlider,
     Label,
     LineEdit,
-    LogSlider,
     ProgressBar,
     PushButton,
     SpinBox,
 )
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QSizePolicy
 
-from napari_diffcut._layers import plane_selection
+from napari_diffcut._layers import displayed_plane_axes, plane_selection
 from napari_diffcut.engine import (
     BACKBONES,
     DEFAULT_MODEL,
@@ -71,8 +73,9 @@ INTENSITY = (
 )
 #: Slider range of the NCut threshold; costs live in (0, 1] and real boundaries
 #: cost orders of magnitude less than splits through flat regions (method.md 6),
-#: hence a log slider.
+#: hence a slider over log10(threshold), with the threshold itself shown next to it.
 THRESHOLD_RANGE = (1e-3, 1.0)
+_LOG_RANGE = (float(np.log10(THRESHOLD_RANGE[0])), float(np.log10(THRESHOLD_RANGE[1])))
 
 
 def parse_channels(text: str) -> tuple[int, ...] | None:
@@ -247,23 +250,35 @@ class DiffCutWidget(Container):
         )
         buttons.margins = (0, 0, 0, 0)
         self.progress_bar = ProgressBar(label="progress", min=0, max=1, value=0)
-        self.status_label = Label(label="status", value="ready")
+        self.status_label = Label(value="ready")
         self.auto_check = CheckBox(
             text="auto",
             value=True,
             tooltip="automatic threshold (Otsu on log NCut costs)",
         )
-        self.threshold_slider = LogSlider(
-            min=THRESHOLD_RANGE[0], max=THRESHOLD_RANGE[1], value=0.5, enabled=False
+        self.threshold_slider = FloatSlider(
+            min=_LOG_RANGE[0],
+            max=_LOG_RANGE[1],
+            step=0.01,
+            value=float(np.log10(0.5)),
+            readout=False,
+            enabled=False,
+            tooltip="NCut threshold (log scale): a split is kept when its cost is "
+            "below it; lower = fewer, stronger boundaries",
         )
+        self.threshold_readout = Label(value="0.5")
         threshold_row = Container(
-            widgets=[self.auto_check, self.threshold_slider],
+            widgets=[self.auto_check, self.threshold_slider, self.threshold_readout],
             layout="horizontal",
             labels=False,
             label="threshold",
         )
         threshold_row.margins = (0, 0, 0, 0)
-        self.result_label = Label(label="result", value="")
+        self.result_label = Label(value="")
+        for label in (self.plane_label, self.status_label, self.result_label):
+            label.native.setWordWrap(True)  # long messages must not widen the dock
+            label.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+            label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.extend(
             [
                 self.image_combo,
@@ -298,19 +313,25 @@ class DiffCutWidget(Container):
         # Viewer closed: the dock and this widget are destroyed with the window.
         self.native.destroyed.connect(lambda *_: engine.unload())
 
-    def _connect_viewer(self) -> None:
+    def _viewer_connections(self) -> list[tuple[Any, Any]]:
+        """(emitter, callback) pairs tying this widget to the viewer."""
         layers = self._viewer.layers
-        for emitter in (
-            layers.events.inserted,
-            layers.events.removed,
-            layers.events.reordered,
-        ):
-            emitter.connect(self._refresh_images)
-        layers.events.inserted.connect(self._on_layer_inserted)
-        layers.selection.events.active.connect(self._on_active_layer)
-        self._viewer.dims.events.current_step.connect(self._update_plane_label)
-        for layer in layers:
-            layer.events.name.connect(self._refresh_images)
+        dims = self._viewer.dims
+        pairs = [
+            (layers.events.inserted, self._refresh_images),
+            (layers.events.removed, self._refresh_images),
+            (layers.events.reordered, self._refresh_images),
+            (layers.events.inserted, self._on_layer_inserted),
+            (layers.selection.events.active, self._on_active_layer),
+            (dims.events.current_step, self._update_plane_label),
+            (dims.events.order, self._update_plane_label),
+            (dims.events.ndisplay, self._update_plane_label),
+        ]
+        return pairs + [(layer.events.name, self._refresh_images) for layer in layers]
+
+    def _connect_viewer(self) -> None:
+        for emitter, callback in self._viewer_connections():
+            emitter.connect(callback)
 
     def _embed_hierarchy_editor(self) -> None:
         """Add the hierarchy editor (issue #7) at the bottom, when it is installed."""
@@ -367,8 +388,6 @@ class DiffCutWidget(Container):
             self.plane_label.visible = False
             return
         try:
-            from napari_diffcut._layers import displayed_plane_axes
-
             axes = displayed_plane_axes(
                 layer.ndim, self._viewer.dims.ndim, tuple(self._viewer.dims.displayed)
             )
@@ -401,7 +420,17 @@ class DiffCutWidget(Container):
 
     def threshold_setting(self) -> float | str:
         """The threshold chosen in the widget: "auto" or the slider value."""
-        return "auto" if self.auto_check.value else float(self.threshold_slider.value)
+        return "auto" if self.auto_check.value else self.threshold_value
+
+    @property
+    def threshold_value(self) -> float:
+        """The slider's threshold (the slider itself moves over log10 of it)."""
+        return float(10.0**self.threshold_slider.value)
+
+    @threshold_value.setter
+    def threshold_value(self, value: float) -> None:
+        tau = float(np.clip(value, *THRESHOLD_RANGE))
+        self.threshold_slider.value = float(np.log10(tau))
 
     def settings(self) -> tuple[Settings, Any]:
         """Validated run settings and the ``contrast_limits`` choice (controls)."""
@@ -536,6 +565,7 @@ class DiffCutWidget(Container):
 
     def _on_threshold_changed(self, _value: Any = None) -> None:
         self.threshold_slider.enabled = not self.auto_check.value
+        self.threshold_readout.value = f"{self.threshold_value:.3g}"
         if self._syncing or self._disposed:
             return
         layer = self.image_combo.value
@@ -556,8 +586,9 @@ class DiffCutWidget(Container):
         self._syncing = True
         try:
             self.auto_check.value = setting == "auto"
-            self.threshold_slider.value = float(np.clip(seg.threshold, *THRESHOLD_RANGE))
+            self.threshold_value = seg.threshold
             self.threshold_slider.enabled = setting != "auto"
+            self.threshold_readout.value = f"{seg.threshold:.3g}"
         finally:
             self._syncing = False
         n_segments = len(main.features)
@@ -580,6 +611,8 @@ class DiffCutWidget(Container):
         self._disposed = True
         if self.worker is not None:
             self.worker.quit()
+        for emitter, callback in self._viewer_connections():
+            emitter.disconnect(callback)
         self.engine.unload()
         gc.collect()
 

@@ -59,7 +59,7 @@ from napari_diffcut.errors import DiffCutError
 from napari_diffcut.io import IMAGE_SUFFIXES, read_image, write_json, write_labels
 
 if TYPE_CHECKING:  # pragma: no cover
-    from napari_diffcut.engine import DiffCutEngine, Segmentation, Settings
+    from napari_diffcut.engine import DiffCutEngine, Settings
 
 LABELS_SUFFIX = ".diffcut.tif"
 LEVELS_SUFFIX = ".levels.tif"
@@ -369,31 +369,39 @@ def _failure(
 
 
 def write_outputs(
-    job: Job, seg: Segmentation, settings: Settings, *, levels: bool
+    job: Job, seg: Any, settings: Settings, *, levels: bool
 ) -> list[Path]:
     """Write the label TIFF, the levels TIFF (if ``levels``), then the settings JSON.
 
+    ``seg`` is what the engine returns: a :class:`~napari_diffcut.engine.Segmentation`
+    for an image, or a stack / tiled result (labels of the whole input; a stack
+    has no single levels list, so ``levels`` is refused for it).
     Each file is written atomically (temporary file, then rename). The JSON
     comes last, so a run stopped in between leaves an image that is not done
     and is redone next time. When replacing outputs made with other settings,
     their JSON is removed first for the same reason.
     """
+    if levels and not hasattr(seg, "levels"):
+        raise DiffCutError(
+            f"levels=True (--levels) is not available for a {type(seg).__name__} "
+            f"(labels of shape {tuple(seg.labels.shape)}); run without it"
+        )
     if job.replace:
         job.record.unlink(missing_ok=True)
-    write_labels(job.labels, seg.labels)
+    write_labels(job.labels, np.asarray(seg.labels))
     record = dict(
-        seg.settings,
+        getattr(seg, "settings", {}),
         # The requested settings, kept apart: the engine's record also holds
         # derived values under setting names (e.g. the working size it used).
         batch_settings=settings.as_dict(),
         input=str(job.input),
         output=str(job.labels),
-        threshold_used=seg.threshold,
+        threshold_used=getattr(seg, "threshold", None),
         batch_key=job.key,
         worker=_here(),
     )
     if levels:
-        write_labels(job.levels, np.stack(seg.levels))
+        write_labels(job.levels, np.stack([np.asarray(level) for level in seg.levels]))
         record["levels_output"] = str(job.levels)
     write_json(job.record, record)
     return job.outputs(levels)

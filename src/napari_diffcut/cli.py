@@ -176,6 +176,8 @@ def _segment_command(args: argparse.Namespace) -> int:
     image, axes = open_image(src, memory_budget=settings.memory_budget)
     if settings.channel_axis is None and axes:
         settings = _channel_axis_from_axes(settings, axes)
+    if args.levels:
+        _check_levels_possible(image, settings)
     to_zarr = out.suffix.lower() == ".zarr"
     seg = drain(
         iter_segment(image, settings, engine=DiffCutEngine(), out=str(out) if to_zarr else None),
@@ -188,12 +190,10 @@ def _segment_command(args: argparse.Namespace) -> int:
     record = dict(seg.settings, input=str(src), output=str(out), threshold_used=threshold)
     if axes:
         record["input_axes"] = axes
+        used = record.get("channel_axis_used")
+        record["labels_axes"] = axes if used is None else axes[:used] + axes[used + 1 :]
     written = [out]
     if args.levels:
-        if not hasattr(seg, "hierarchy"):
-            raise UserError(
-                "--levels needs a 2-D image in downscale mode (no stack, no --tile-size)"
-            )
         levels_path = out.with_name(out.name.split(".")[0] + ".levels.tif")
         write_label_output(levels_path, np.stack([np.asarray(v) for v in seg.levels]))
         record["levels_output"] = str(levels_path)
@@ -204,6 +204,23 @@ def _segment_command(args: argparse.Namespace) -> int:
     for path in written:
         print(f"  wrote {path}")
     return 0
+
+
+def _check_levels_possible(image: Any, settings: Any) -> None:
+    """``--levels`` needs one tree: a 2-D image in downscale mode."""
+    from napari_diffcut.engine import _tiled
+    from napari_diffcut.lazy import ImageSource, is_multiscale
+
+    first = image[0] if is_multiscale(image) else image
+    try:
+        source = ImageSource(first, settings.channel_axis, settings.channels)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if source.stack_shape or _tiled(source, settings):
+        what = f"stack axes {source.stack_shape}" if source.stack_shape else "tiles"
+        raise UserError(
+            f"--levels needs a 2-D image in downscale mode (one tree); this run has {what}"
+        )
 
 
 def _drop_temporary_store(seg: Any, out: Path) -> None:

@@ -724,6 +724,8 @@ def _base_record(s: Settings, image: Any, out_shape: tuple[int, ...]) -> dict[st
         python=platform.python_version(),
         numpy=np.__version__,
     )
+    if hasattr(image, "picked"):  # an ImageSource: how its axes were read
+        rec.update(channel_axis_used=image.channel_axis, channels_used=image.picked)
     if s.backbone == "diffusion":
         import diffusers
         import torch

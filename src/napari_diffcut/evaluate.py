@@ -210,6 +210,8 @@ def _progress_printer(quiet: bool) -> Any:
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from napari_diffcut.engine import DiffCutEngine
     from napari_diffcut.evaluation.datasets import make_protocol
     from napari_diffcut.evaluation.runner import evaluate
@@ -234,7 +236,10 @@ def _evaluate_command(args: argparse.Namespace) -> int:
                 "numpy",
             )
             run_info.update({k: seg.settings[k] for k in keys if k in seg.settings})
-        return seg.labels, {"threshold": round(float(seg.threshold), 6)}
+        # Tiled runs return other result types (lazy labels, no single threshold).
+        threshold = getattr(seg, "threshold", None)
+        extra = {"threshold": round(float(threshold), 6)} if threshold is not None else {}
+        return np.asarray(seg.labels), extra
 
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     meta = {"options": options, "run": run_info}

@@ -72,9 +72,7 @@ class LayerImage:
         """Human-readable note about the plane (empty for 2-D layers)."""
         if self.plane is None:
             return ""
-        where = ", ".join(
-            f"axis {a} = {i}" for a, i in enumerate(self.plane) if i is not None
-        )
+        where = ", ".join(f"axis {a} = {i}" for a, i in enumerate(self.plane) if i is not None)
         return f"segmenting the displayed 2-D plane only ({where})"
 
 
@@ -86,8 +84,7 @@ def _image_layer(viewer: Any, layer: Any) -> Any:
         if layer not in viewer.layers:
             names = [lay.name for lay in viewer.layers]
             raise ValueError(
-                f"layer must be an image layer of the viewer, got {layer!r}; "
-                f"layers: {names}"
+                f"layer must be an image layer of the viewer, got {layer!r}; layers: {names}"
             )
         layer = viewer.layers[layer]
     if not isinstance(layer, napari.layers.Image):
@@ -98,9 +95,7 @@ def _image_layer(viewer: Any, layer: Any) -> Any:
     return layer
 
 
-def layer_image(
-    viewer: Any, layer: Any, *, contrast_limits: Any = FROM_LAYER
-) -> LayerImage:
+def layer_image(viewer: Any, layer: Any, *, contrast_limits: Any = FROM_LAYER) -> LayerImage:
     """Take the image to segment from a layer: the whole layer, or the displayed plane.
 
     Parameters
@@ -132,13 +127,10 @@ def layer_image(
     ndim = int(layer.ndim)
     if ndim > 2 and viewer is None:
         raise ValueError(
-            f"layer {layer.name!r} has {ndim} dimensions: pass the viewer to pick "
-            "the plane"
+            f"layer {layer.name!r} has {ndim} dimensions: pass the viewer to pick the plane"
         )
     if ndim > 2:
-        axes = displayed_plane_axes(
-            ndim, int(viewer.dims.ndim), tuple(viewer.dims.displayed)
-        )
+        axes = displayed_plane_axes(ndim, int(viewer.dims.ndim), tuple(viewer.dims.displayed))
         position = layer.world_to_data(viewer.dims.point)
         index, plane = plane_selection(layer.data.shape[:ndim], position, axes)
         raw = layer.data[index]
@@ -182,9 +174,7 @@ def update_layer(layer: Any, data: Any, kwargs: dict[str, Any]) -> None:
             setattr(layer, key, kwargs[key])
 
 
-def apply_result_layers(
-    viewer: Any, tuples: list[LayerDataTuple]
-) -> tuple[list[Any], LayerPlan]:
+def apply_result_layers(viewer: Any, tuples: list[LayerDataTuple]) -> tuple[list[Any], LayerPlan]:
     """Add or update result layers in ``viewer`` following :func:`plan_layer_updates`.
 
     Must run on the GUI thread. Edited result layers and layers that are not
@@ -202,9 +192,7 @@ def apply_result_layers(
     import napari.layers
 
     existing = [
-        ExistingLayer(
-            lay.name, lay.data, lay.metadata, isinstance(lay, napari.layers.Labels)
-        )
+        ExistingLayer(lay.name, lay.data, lay.metadata, isinstance(lay, napari.layers.Labels))
         for lay in viewer.layers
     ]
     plan = plan_layer_updates(existing, tuples)
@@ -232,9 +220,7 @@ def apply_result_layers(
     return [placed[i] for i in range(len(plan.steps))], plan
 
 
-def _tuck_new_levels_below_main(
-    viewer: Any, plan: LayerPlan, placed: dict[int, Any]
-) -> None:
+def _tuck_new_levels_below_main(viewer: Any, plan: LayerPlan, placed: dict[int, Any]) -> None:
     """Keep the layer list tidy: new level layers go right below the main one."""
     if 0 not in placed:
         return
@@ -321,9 +307,7 @@ def set_segmentation_threshold(seg: Any, threshold: float | str) -> None:
 
 def result_tuples(seg: Segmentation, taken: LayerImage) -> list[LayerDataTuple]:
     """Layer-data tuples of a run on ``taken`` (main first, then levels)."""
-    return result_layer_data(
-        seg, taken.source, geometry=taken.geometry, plane=taken.plane
-    )
+    return result_layer_data(seg, taken.source, geometry=taken.geometry, plane=taken.plane)
 
 
 def segment_layer(
@@ -385,9 +369,7 @@ def segment_layer(
         contrast_limits = None
     taken = layer_image(viewer, layer, contrast_limits=contrast_limits)
     engine = engine if engine is not None else DiffCutEngine()
-    gen = engine.iter_segment(
-        taken.image, contrast_limits=taken.contrast_limits, **settings
-    )
+    gen = engine.iter_segment(taken.image, contrast_limits=taken.contrast_limits, **settings)
     seg = drain(gen, progress)
     layers, _ = apply_result_layers(viewer, result_tuples(seg, taken))
     return layers

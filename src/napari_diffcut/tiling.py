@@ -56,6 +56,8 @@ from napari_diffcut.engine import (
 #: Two tiles' segments are joined when each is the other's best match in the
 #: overlap and their IoU there is at least this.
 MIN_OVERLAP_IOU = 0.5
+#: Keys of a tile's record that describe the model run, copied to the whole run's record.
+MODEL_KEYS = ("device_used", "dtype_used", "attention_grids")
 #: Elements per block of the relabelling pass (bounded memory).
 RELABEL_BLOCK = 1 << 22
 
@@ -414,6 +416,7 @@ def iter_segment_tiled(
         labels = np.zeros(shape, np.uint32)
     stitcher = Stitcher(shape, tiles, labels)
     done: list[dict[str, Any]] = []
+    model_info: dict[str, Any] = {}
     n = len(tiles)
     for i, tile in enumerate(tiles):
         yield Progress("tile", i, n, f"tile {i + 1} of {n} at y={tile.ys}, x={tile.xs}")
@@ -423,6 +426,8 @@ def iter_segment_tiled(
         )
         del rgb
         segments = stitcher.add(tile, seg.labels)
+        if i == 0:  # what the model reported (device, dtype, attention grids)
+            model_info = {k: v for k, v in seg.settings.items() if k in MODEL_KEYS}
         done.append({
             "ys": list(tile.ys), "xs": list(tile.xs), "core_ys": list(tile.core_ys),
             "core_xs": list(tile.core_xs), "segments": segments,
@@ -435,6 +440,7 @@ def iter_segment_tiled(
     k = stitcher.finish()
     yield Progress("stitch", 1, 1, f"{k} segments")
     record = _base_record(s, source, shape)
+    record.update(model_info)
     record.update(
         mode_large="tiled", tile_overlap=overlap, tiles=len(tiles),
         tile_grid=[tiles[-1].row + 1, tiles[-1].col + 1], stitched_labels=k,

@@ -228,6 +228,9 @@ def load_model(
     if not isinstance(model, str | os.PathLike) or not str(model):
         raise ValueError(f"model must be a repo id or a folder path, got {model!r}")
     model = str(model)
+    if _looks_like_path(model) and not Path(model).expanduser().exists():
+        # A folder path that does not exist: fail at once instead of asking the hub.
+        raise _not_found(model, FileNotFoundError(model))
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     safe: bool | None = None if allow_pickle else True

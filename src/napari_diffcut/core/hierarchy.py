@@ -449,6 +449,6 @@ def ncut_hierarchy(
             f"grid_shape {tuple(grid_shape)} must multiply to N = {p.shape[0]} "
             f"(transition shape {p.shape})"
         )
-    affinity, _ = build_affinity(p, power=power, graph=graph)
+    affinity, _ = build_affinity(p, power=power, graph=graph, dtype=np.float32)
     tree = build_tree(affinity, min_size=min_size, max_depth=max_depth, seed=seed)
     return Hierarchy(tree, (int(grid_shape[0]), int(grid_shape[1])), threshold)

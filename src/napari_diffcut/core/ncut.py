@@ -103,9 +103,7 @@ def fiedler_vector(
     q = np.sqrt(degree)
     q /= np.linalg.norm(q)
     if n <= DENSE_MAX:
-        m = affinity * inv_sqrt[:, None] * inv_sqrt[None, :]
-        m -= np.outer(q, q)
-        u2 = np.linalg.eigh(m)[1][:, -1]
+        u2 = _top_eigenvector(affinity * inv_sqrt[:, None] * inv_sqrt[None, :] - np.outer(q, q))
     else:
 
         def matvec(x: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -120,7 +118,7 @@ def fiedler_vector(
             u2 = eigsh(op, k=1, which="LA", v0=start, tol=tol, maxiter=20 * n)[1][:, 0]
         except (ArpackNoConvergence, ArpackError):
             m = affinity * inv_sqrt[:, None] * inv_sqrt[None, :]
-            u2 = np.linalg.eigh(m - np.outer(q, q))[1][:, -1]
+            u2 = _top_eigenvector(m - np.outer(q, q))
     u2 = u2 - q * (q @ u2)
     u2 /= np.linalg.norm(u2)
     mu2 = float(u2 @ (inv_sqrt * _product(affinity, inv_sqrt * u2)))
@@ -128,6 +126,20 @@ def fiedler_vector(
     if z[np.argmax(np.abs(z))] < 0:
         z = -z
     return z, float(1.0 - mu2)
+
+
+def _top_eigenvector(matrix: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Eigenvector of the largest eigenvalue of a dense symmetric matrix (float64).
+
+    LAPACK ``syevr`` restricted to one eigenpair: several times faster than a
+    full ``eigh`` from 64 nodes up, and it does not stall when the BLAS
+    threads compete for busy cores (benchmarks/NOTES.md).
+    """
+    from scipy.linalg import eigh
+
+    n = matrix.shape[0]
+    m64 = np.asarray(matrix, np.float64)
+    return eigh(m64, subset_by_index=[n - 1, n - 1], driver="evr")[1][:, 0]
 
 
 def _product(affinity: NDArray[np.floating], x: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -182,31 +194,24 @@ def sweep_cut(
 def _earlier_sums(affinity: NDArray[np.floating], order: NDArray[np.int64]) -> NDArray[np.float64]:
     """``earlier[j] = sum_{i < j} W[o_j, o_i]`` for the node order ``o`` (float64).
 
-    Small graphs gather the sorted matrix. Larger ones avoid that n x n copy:
-    one gemm ``W @ B`` with the one-hot block indicator ``B`` (n x n/64) gives
-    every node's weight to each block of the order; an exclusive prefix sum
-    over blocks gives the weight to all earlier blocks, and only the diagonal
-    64 x 64 blocks are gathered for the part inside a node's own block.
+    Small graphs gather the sorted matrix. Larger ones avoid that n x n copy
+    and the triangular mask: the order is walked in blocks of 64 nodes, whose
+    rows are gathered (contiguous copies); a running float64 vector holds every
+    node's weight to all earlier blocks, and only the 64 x 64 diagonal block
+    is masked for the weight inside a node's own block. One pass over W.
     """
     n = order.shape[0]
     if n <= SWEEP_GATHER_MAX:
         sorted_w = affinity[np.ix_(order, order)]
         return np.tril(sorted_w, -1).sum(axis=1, dtype=np.float64)
-    position = np.empty(n, np.int64)
-    position[order] = np.arange(n)
-    block = position // SWEEP_BLOCK
-    n_blocks = int(block.max()) + 1
-    onehot = np.zeros((n, n_blocks), affinity.dtype)
-    onehot[np.arange(n), block] = 1
-    to_block = np.asarray(affinity @ onehot, np.float64)  # (n, n_blocks)
-    before = np.cumsum(to_block, axis=1) - to_block  # weight to all earlier blocks
-    earlier = before[order, block[order]]
-    for b in range(n_blocks):
-        members = order[b * SWEEP_BLOCK : (b + 1) * SWEEP_BLOCK]
-        inside = affinity[np.ix_(members, members)]
-        earlier[b * SWEEP_BLOCK : b * SWEEP_BLOCK + members.size] += np.tril(inside, -1).sum(
-            axis=1, dtype=np.float64
-        )
+    earlier = np.empty(n, np.float64)
+    to_earlier = np.zeros(n, np.float64)  # weight of each node to all earlier blocks
+    for start in range(0, n, SWEEP_BLOCK):
+        members = order[start : start + SWEEP_BLOCK]
+        rows = affinity[members]  # (b, n) contiguous row copies
+        inside = np.tril(rows[:, members], -1).sum(axis=1, dtype=np.float64)
+        earlier[start : start + members.size] = to_earlier[members] + inside
+        to_earlier += rows.sum(axis=0, dtype=np.float64)
     return earlier
 
 

@@ -93,18 +93,50 @@ def lift_attention(
             f"grid {grid} does not divide fine_grid {fine_grid} by one integer factor"
         )
     r = fh // h
-    ry = interpolation_matrix(fh, h)
-    rx = interpolation_matrix(fw, w)
-    keys = attention.reshape(h * w, h, w).astype(np.float32, copy=False)
-    # (q, h, w) -> (q, fh, fw) by the separable bilinear operator Ry X Rx^T.
-    up = np.einsum("Yh,qhw->qYw", ry, keys, optimize=True)
-    up = np.einsum("qYw,Xw->qYX", up, rx, optimize=True).reshape(h * w, fh * fw)
-    normalize_rows(up)
+    up = _upsample_keys(attention, grid, fine_grid)
     # Query side: nearest (tile) copy of each coarse row to its r x r fine block.
     lifted = np.broadcast_to(
         up.reshape(h, 1, w, 1, fh * fw), (h, r, w, r, fh * fw)
     ).reshape(fh * fw, fh * fw)
     return np.ascontiguousarray(lifted)
+
+
+def _upsample_keys(
+    attention: NDArray[np.floating], grid: tuple[int, int], fine_grid: tuple[int, int]
+) -> NDArray[np.float32]:
+    """Key side of the lift: rows seen as ``grid`` images, bilinear to ``fine_grid``, rows sum 1.
+
+    Two plain matmuls with the separable operator ``Ry X Rx^T`` (faster than
+    the equivalent einsum; benchmarks/NOTES.md).
+    """
+    (h, w), (fh, fw) = grid, fine_grid
+    ry = interpolation_matrix(fh, h)
+    rx = interpolation_matrix(fw, w)
+    keys = np.asarray(attention, np.float32).reshape(h * w * h, w)
+    up = (keys @ rx.T).reshape(h * w, h, fw)  # along x: (q, h, fw)
+    up = np.matmul(ry, up).reshape(h * w, fh * fw)  # along y: (q, fh, fw)
+    return normalize_rows(up)
+
+
+def _add_lifted(
+    total: NDArray[np.float32],
+    up: NDArray[np.float32],
+    grid: tuple[int, int],
+    fine_grid: tuple[int, int],
+) -> None:
+    """``total += lift`` without building the lifted (N, N) matrix.
+
+    ``total`` viewed as (h, r, w, r, N): every one of the r x r fine query
+    offsets gets the coarse rows added. One strided add per offset is about
+    50x faster than numpy's 5-D broadcast add here (benchmarks/NOTES.md).
+    """
+    (h, w), (fh, fw) = grid, fine_grid
+    r = fh // h
+    view = total.reshape(h, r, w, r, fh * fw)
+    rows = up.reshape(h, w, fh * fw)
+    for dy in range(r):
+        for dx in range(r):
+            view[:, dy, :, dx, :] += rows
 
 
 def default_weights(grids: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
@@ -143,13 +175,32 @@ def aggregate_attention(
     if any(v < 0 for v in used.values()) or sum(used.values()) <= 0:
         raise ValueError(f"resolution weights must be >= 0 with a positive sum, got {used}")
     n = fine[0] * fine[1]
+    scale = {g: np.float32(v / sum(used.values())) for g, v in used.items()}
     total = np.zeros((n, n), np.float32)
     for g in grids:
         if used[g] == 0:
             continue
-        total += np.float32(used[g]) * lift_attention(per_resolution[g], g, fine)
-    total /= np.float32(sum(used.values()))
+        (h, w) = g
+        if g == fine:
+            # lift of the finest grid = its rows renormalised: total += s * A / rowsum.
+            a = np.asarray(per_resolution[g], np.float32)
+            sums = a.sum(axis=1, keepdims=True)
+            sums[sums <= 0] = 1
+            total += a * (scale[g] / sums)
+            continue
+        if fine[0] % h or fine[1] % w or fine[0] // h != fine[1] // w:
+            raise ValueError(
+                f"grid {g} does not divide fine_grid {fine} by one integer factor"
+            )
+        up = _upsample_keys(per_resolution[g], g, fine)
+        up *= scale[g]
+        _add_lifted(total, up, g, fine)
     return normalize_rows(total)
+
+
+#: From this many nodes on, a float32 transition matrix is multiplied in float32
+#: when its stationary distribution is computed (benchmarks/NOTES.md).
+FLOAT32_MIN_NODES = 1024
 
 
 def stationary_distribution(transition: NDArray[np.floating]) -> NDArray[np.float64]:
@@ -160,20 +211,40 @@ def stationary_distribution(transition: NDArray[np.floating]) -> NDArray[np.floa
     and aperiodic and pi is unique (method.md 3.1). Arnoldi converges in a few
     dozen products even for the slowly mixing, spatially local walks where plain
     power iteration needs thousands.
+
+    A float32 ``transition`` with at least ``FLOAT32_MIN_NODES`` nodes is used
+    as it is (``x @ P`` in float32, no transposed float64 copy; about 4x faster
+    at 4096 nodes): the result then agrees with the float64 solve to about
+    1e-5 relative, which is the sensitivity of pi to the float32 rounding of P
+    itself, so nothing that the data holds is lost.
     """
-    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigs
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs
 
     n = transition.shape[0]
-    pt = np.ascontiguousarray(transition.T, dtype=np.float64)
     if n <= 64:
-        vals, vecs = np.linalg.eig(pt)
+        vals, vecs = np.linalg.eig(np.asarray(transition, np.float64).T)
         vec = vecs[:, int(np.argmax(vals.real))].real
-    else:
+        vec = np.abs(vec)
+        return vec / vec.sum()
+    start = np.full(n, 1.0 / n)
+    vec = None
+    if n >= FLOAT32_MIN_NODES and transition.dtype == np.float32:
+        p32 = np.ascontiguousarray(transition)
+
+        def left_product(x: NDArray[np.float64]) -> NDArray[np.float64]:
+            return np.asarray(np.ravel(x).astype(np.float32) @ p32, np.float64)
+
+        op = LinearOperator((n, n), matvec=left_product, dtype=np.float64)
         try:
-            _, vecs = eigs(pt, k=1, which="LR", v0=np.full(n, 1.0 / n), tol=1e-12)
-            vec = vecs[:, 0].real
+            vec = eigs(op, k=1, which="LR", v0=start, tol=1e-8)[1][:, 0].real
         except (ArpackNoConvergence, ArpackError):
-            vec = np.full(n, 1.0 / n)
+            vec = None
+    if vec is None:
+        pt = np.ascontiguousarray(transition.T, dtype=np.float64)
+        try:
+            vec = eigs(pt, k=1, which="LR", v0=start, tol=1e-12)[1][:, 0].real
+        except (ArpackNoConvergence, ArpackError):
+            vec = start
             for _ in range(10000):
                 vec = pt @ vec
     vec = np.abs(vec)
@@ -197,38 +268,86 @@ def power_walk(transition: NDArray[np.float32], power: int) -> NDArray[np.float3
     return normalize_rows(result)
 
 
-def walk_affinity(transition: NDArray[np.floating]) -> NDArray[np.float64]:
+def walk_affinity(
+    transition: NDArray[np.floating], *, dtype: type[np.floating] = np.float64
+) -> NDArray[np.floating]:
     """Random-walk graph ``W = (Pi P + P^T Pi) / 2`` (method.md 3.1, "S1").
 
     Edge weights are the stationary probability flow, so row sums equal pi and
     the NCut of W equals the escape-probability NCut of the original,
     non-reversible walk (Meila & Shi 2001).
+
+    Parameters
+    ----------
+    transition : ndarray, shape (N, N)
+        Row-stochastic P.
+    dtype : numpy float type
+        Output dtype; float32 halves memory and is what the NCut tree uses.
+
+    Returns
+    -------
+    ndarray, shape (N, N)
+        Exactly symmetric.
     """
     pi = stationary_distribution(transition)
-    flow = transition.astype(np.float64) * pi[:, None]
-    w = flow + flow.T
-    w *= 0.5
-    return w
+    return _symmetric_flow(transition, pi, dtype)
 
 
-def similarity_affinity(transition: NDArray[np.floating]) -> NDArray[np.float64]:
+def _symmetric_flow(
+    transition: NDArray[np.floating],
+    pi: NDArray[np.float64],
+    dtype: type[np.floating],
+    block: int = 256,
+) -> NDArray[np.floating]:
+    """``(pi_i P_ij + pi_j P_ji) / 2`` by tiles, each computed once and mirrored.
+
+    Tiling keeps both the tile and its transposed partner in cache, never
+    materialises ``Pi P`` (an N x N temporary) and halves the work by symmetry
+    (about 3x faster than ``flow + flow.T`` at 4096 nodes; benchmarks/NOTES.md).
+    Diagonal tiles are exactly symmetric because addition commutes.
+    """
+    n = transition.shape[0]
+    out = np.empty((n, n), dtype)
+    weights = pi.astype(dtype)[:, None]
+    half = dtype(0.5)
+    for i in range(0, n, block):
+        rows = slice(i, min(n, i + block))
+        for j in range(i, n, block):
+            cols = slice(j, min(n, j + block))
+            tile = weights[rows] * transition[rows, cols].astype(dtype, copy=False)
+            tile += (weights[cols] * transition[cols, rows].astype(dtype, copy=False)).T
+            tile *= half
+            out[rows, cols] = tile
+            if j != i:
+                out[cols, rows] = tile.T
+    return out
+
+
+def similarity_affinity(
+    transition: NDArray[np.floating], *, dtype: type[np.floating] = np.float64
+) -> NDArray[np.floating]:
     """Cosine similarity of attention rows (method.md 4 B).
 
     Entries are in [0, 1] because the rows are non-negative; cosine removes the
-    row-mass effects a plain dot product ``P P^T`` would keep.
+    row-mass effects a plain dot product ``P P^T`` would keep. The Gram matrix
+    is computed in float32 and returned as ``dtype``.
     """
     rows = transition.astype(np.float32, copy=True)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     norms[norms == 0] = 1
     rows /= norms
-    w = (rows @ rows.T).astype(np.float64)
+    w = (rows @ rows.T).astype(dtype, copy=False)
     np.clip(w, 0.0, 1.0, out=w)
     return w
 
 
 def build_affinity(
-    transition: NDArray[np.float32], *, power: int = 1, graph: str = "walk"
-) -> tuple[NDArray[np.float64], NDArray[np.float32]]:
+    transition: NDArray[np.float32],
+    *,
+    power: int = 1,
+    graph: str = "walk",
+    dtype: type[np.floating] = np.float64,
+) -> tuple[NDArray[np.floating], NDArray[np.float32]]:
     """Apply the power walk and build the symmetric graph for NCut.
 
     Parameters
@@ -239,10 +358,13 @@ def build_affinity(
         Number of walk steps k (P^k).
     graph : {"walk", "similarity"}
         Random-walk graph (S1) or cosine similarity of rows of P^k.
+    dtype : numpy float type
+        dtype of the affinity; float32 is what the NCut tree computes with,
+        so passing it saves a conversion and half the memory.
 
     Returns
     -------
-    affinity : ndarray of float64, shape (N, N)
+    affinity : ndarray of ``dtype``, shape (N, N)
         Symmetric, non-negative W.
     walk : ndarray of float32, shape (N, N)
         P^k (used again for the soft pixel upsampling).
@@ -251,8 +373,8 @@ def build_affinity(
     check_transition(transition)
     walk = power_walk(transition, power) if power != 1 else transition
     if graph == "walk":
-        return walk_affinity(walk), walk
-    return similarity_affinity(walk), walk
+        return walk_affinity(walk, dtype=dtype), walk
+    return similarity_affinity(walk, dtype=dtype), walk
 
 
 def check_transition(transition: NDArray[np.floating]) -> None:
