@@ -69,7 +69,9 @@ def _expected_files(keys: tuple[str, ...], levels: bool = False) -> list[str]:
 
 def _stamps(out: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime_ns) per output: a rename-into-place changes the inode."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.diffcut.*")}
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.diffcut.*")
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -144,7 +146,9 @@ def test_batch_import_is_light() -> None:
 # In-process runs
 
 
-def test_in_process_batch_resumes_and_reports_failures(folder: Path, tmp_path: Path) -> None:
+def test_in_process_batch_resumes_and_reports_failures(
+    folder: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     s = Settings(**FAST)
     summary = run_batch(folder, out, s)
@@ -194,7 +198,9 @@ def test_in_process_batch_resumes_and_reports_failures(folder: Path, tmp_path: P
     assert manifest["images"]["img0"]["status"] == "done"
 
 
-def test_stopped_run_leftovers_are_redone_and_cleaned(folder: Path, tmp_path: Path) -> None:
+def test_stopped_run_leftovers_are_redone_and_cleaned(
+    folder: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     s = Settings(**FAST)
     (folder / "broken.png").unlink()
@@ -216,13 +222,17 @@ def test_stopped_run_leftovers_are_redone_and_cleaned(folder: Path, tmp_path: Pa
     assert run_batch(folder, out, s, levels=True).done == ["img2"]
 
 
-def test_other_settings_are_refused_unless_overwrite(folder: Path, tmp_path: Path) -> None:
+def test_other_settings_are_refused_unless_overwrite(
+    folder: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     (folder / "broken.png").unlink()
     run_batch(folder / "img0.png", out, Settings(**FAST))
     before = _stamps(out)
     other = Settings(**FAST, threshold=0.5)
-    with pytest.raises(ValueError, match=r"threshold='auto' \(requested 0.5\).*--overwrite"):
+    with pytest.raises(
+        ValueError, match=r"threshold='auto' \(requested 0.5\).*--overwrite"
+    ):
         run_batch(folder, out, other)
     assert _stamps(out) == before  # refused before anything was written
     summary = run_batch(folder, out, other, overwrite=True)
@@ -230,7 +240,9 @@ def test_other_settings_are_refused_unless_overwrite(folder: Path, tmp_path: Pat
     assert json.loads((out / "img0.diffcut.json").read_text())["threshold"] == 0.5
 
 
-def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(folder: Path, tmp_path: Path) -> None:
+def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(
+    folder: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     (folder / "broken.png").unlink()
     s = Settings(**FAST)
@@ -252,12 +264,28 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(folder: Path, tmp_path: P
     assert summary.skipped == ["img0"] and summary.done == ["img1", "img2"]
 
 
+def test_a_stack_gives_a_label_stack(tmp_path: Path) -> None:
+    """A multi-page TIFF is segmented plane by plane by the engine; no levels list."""
+    src = tmp_path / "stacks"
+    src.mkdir()
+    stack = np.stack([_disc_image(0)[..., 0], _disc_image(2)[..., 0]])
+    tifffile.imwrite(src / "s.tif", stack)
+    summary = run_batch(src, tmp_path / "out", Settings(**FAST))
+    assert summary.done == ["s"]
+    labels = tifffile.imread(tmp_path / "out" / "s.diffcut.tif")
+    assert labels.shape == (2, 40, 56) and labels.dtype == np.uint32
+    refused = run_batch(src, tmp_path / "out2", Settings(**FAST), levels=True)
+    assert "not available" in refused.failed["s"]
+
+
 def test_a_retried_task_does_not_write_again(folder: Path, tmp_path: Path) -> None:
     """A task rerun after its worker died *after* writing finds complete outputs."""
     out = tmp_path / "out"
     s = Settings(**FAST)
     run_batch(folder / "img0.png", out, s)
-    (job,) = plan_jobs([(folder / "img0.png").resolve()], folder.resolve(), out.resolve())
+    (job,) = plan_jobs(
+        [(folder / "img0.png").resolve()], folder.resolve(), out.resolve()
+    )
     before = _stamps(out)
     result = process_image(job, s, levels=False, engine=DiffCutEngine())
     assert result.status == "done" and "retried" in result.note
@@ -274,7 +302,9 @@ def test_one_batch_per_output_folder(folder: Path, tmp_path: Path) -> None:
         run_batch(folder, out, Settings(**FAST))
 
 
-def test_cli_batch(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_batch(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The CLI has no --working-size: one image at the default grid keeps it short.
     for name in ("img1.png", "img2.png"):
         (folder / name).unlink()
@@ -354,7 +384,9 @@ def test_dask_worker_death_and_bad_image(folder: Path, tmp_path: Path, cluster) 
     assert summary.status == "completed"
     assert sorted(summary.done) == list(GOOD)
     assert list(summary.failed) == ["broken"]
-    assert Counter(r.key for r in summary.results) == Counter([*GOOD, "broken"])  # once each
+    assert Counter(r.key for r in summary.results) == Counter(
+        [*GOOD, "broken"]
+    )  # once each
     assert _files(out) == _expected_files(GOOD)  # no duplicates, no partial files
     for key in GOOD:
         labels = tifffile.imread(out / f"{key}.diffcut.tif")
@@ -366,7 +398,9 @@ def test_dask_worker_death_and_bad_image(folder: Path, tmp_path: Path, cluster) 
 
     # Second run on the same cluster: everything done is skipped.
     before = _stamps(out)
-    again = run_batch(folder, out, Settings(**FAST), scheduler=cluster.scheduler_address)
+    again = run_batch(
+        folder, out, Settings(**FAST), scheduler=cluster.scheduler_address
+    )
     assert sorted(again.skipped) == list(GOOD) and again.done == []
     assert list(again.failed) == ["broken"]
     assert _stamps(out) == before
@@ -384,7 +418,9 @@ def test_local_cluster_with_tiny_model_loads_once_per_worker(
     by_worker: dict[str, list[ImageResult]] = {}
     for r in summary.results:
         by_worker.setdefault(r.worker, []).append(r)
-    assert all(w.split(":")[-1] != str(os.getpid()) for w in by_worker)  # ran on workers
+    assert all(
+        w.split(":")[-1] != str(os.getpid()) for w in by_worker
+    )  # ran on workers
     # 3 images on 2 single-threaded workers: some worker did two, loading once.
     assert max(len(rs) for rs in by_worker.values()) >= 2
     for rs in by_worker.values():
@@ -395,4 +431,6 @@ def test_local_cluster_with_tiny_model_loads_once_per_worker(
     import torch
 
     # device="auto": each worker uses its GPU when it has one.
-    assert record["device_used"].startswith("cuda" if torch.cuda.is_available() else "cpu")
+    assert record["device_used"].startswith(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )

@@ -118,7 +118,8 @@ def test_leaf_window_tiles_soft_upsample_exactly() -> None:
 
     maps, uniq = leaf_maps(walk, leaf, grid)
     pieces = np.block([
-        [leaf_window(maps, uniq, out, (r0, r1), (c0, c1)) for c0, c1 in ((0, 30), (30, 83))]
+        [leaf_window(maps, uniq, out, (r0, r1), (c0, c1), max_elements=100)
+         for c0, c1 in ((0, 30), (30, 83))]
         for r0, r1 in ((0, 17), (17, 40), (40, 61))
     ])
     np.testing.assert_array_equal(pieces, full)

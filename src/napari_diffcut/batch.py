@@ -993,8 +993,13 @@ def _execute(
     if workers is None and scheduler is None:
         results = _iter_in_process(todo, settings, levels=levels, reader=reader)
     else:
-        from napari_diffcut._dask import iter_results
-
+        try:
+            from napari_diffcut._dask import iter_results
+        except ImportError as exc:
+            raise DiffCutError(
+                f"workers/scheduler need Dask distributed ({exc}); "
+                "pip install 'napari-diffcut[cluster]'"
+            ) from exc
         results = iter_results(
             todo,
             settings,

@@ -569,7 +569,10 @@ def segment_rgb(
         record["lazy_labels"] = True
         yield Progress("upsample", 1, 1, "done (labels computed lazily, block by block)")
         return LazySegmentation(hierarchy, lazy_pixel_leaf(maps, uniq, out_hw), record)
-    pixel_leaf = soft_upsample(walk, tree.leaf_of_patch, grid, out_hw)
+    # Transient upsampling buffers (leaves x rows x width floats, a few of
+    # them) follow the memory budget, up to soft_upsample's own cap.
+    chunk = int(min(1 << 24, max(1 << 16, _budget_bytes(s) // 32)))
+    pixel_leaf = soft_upsample(walk, tree.leaf_of_patch, grid, out_hw, max_elements=chunk)
     yield Progress("upsample", 1, 1, "done")
     return Segmentation(hierarchy, pixel_leaf.astype(np.int32), record)
 

@@ -275,22 +275,30 @@ def leaf_window(
     out_shape: tuple[int, int],
     rows: tuple[int, int],
     cols: tuple[int, int],
+    max_elements: int = 1 << 22,
 ) -> NDArray[np.int32]:
     """Deepest tree node of the pixels in one window of a soft-upsampled image.
 
     Same sampling as :func:`napari_diffcut.core.upsample.soft_upsample`
     (bilinear, align_corners=False) evaluated only at the window's pixels, so
-    blocks computed separately tile the full result exactly.
+    blocks computed separately tile the full result exactly. The window is
+    processed in row blocks of at most ``max_elements`` leaves x pixels.
     """
     k, h, w = maps.shape
+    out = np.empty((rows[1] - rows[0], cols[1] - cols[0]), np.int32)
     if k == 1:
-        return np.full((rows[1] - rows[0], cols[1] - cols[0]), uniq[0], np.int32)
-    y0, y1, wy = _taps(rows, out_shape[0], h)
+        out[:] = uniq[0]
+        return out
     x0, x1, wx = _taps(cols, out_shape[1], w)
-    a = wy[None, :, None]
-    my = (1 - a) * maps[:, y0, :] + a * maps[:, y1, :]
-    vals = (1 - wx) * my[:, :, x0] + wx * my[:, :, x1]
-    return uniq[np.argmax(vals, axis=0)].astype(np.int32)
+    step = max(1, max_elements // max(1, k * out.shape[1]))
+    for r0 in range(rows[0], rows[1], step):
+        r1 = min(rows[1], r0 + step)
+        y0, y1, wy = _taps((r0, r1), out_shape[0], h)
+        a = wy[None, :, None]
+        my = (1 - a) * maps[:, y0, :] + a * maps[:, y1, :]
+        vals = (1 - wx) * my[:, :, x0] + wx * my[:, :, x1]
+        out[r0 - rows[0] : r1 - rows[0]] = uniq[np.argmax(vals, axis=0)]
+    return out
 
 
 def _taps(

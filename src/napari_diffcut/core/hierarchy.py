@@ -22,7 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_diffcut.core.ncut import bipartition, fiedler_vector, sweep_cut
+from napari_diffcut.core.ncut import (
+    bipartition,
+    fiedler_vector,
+    single_thread_blas,
+    sweep_cut,
+)
 from napari_diffcut.errors import check_int, check_threshold
 
 #: A split whose NCut is at least this is never accepted: a structureless walk
@@ -180,13 +185,15 @@ def iter_ncut_tree(
     queue: deque[int] = deque([0])
     bound = max(1, min(2**max_depth - 1, n // max(min_size, 1)))
     done = 0
+    one_thread = single_thread_blas()  # robust to busy cores (core/ncut.py docstring)
     while queue:
         node = queue.popleft()
         idx = members.pop(node)
         if len(idx) < 2 * min_size or depth[node] >= max_depth:
             continue
-        sub = affinity if len(idx) == n else affinity[np.ix_(idx, idx)]
-        split = _split_subgraph(sub, min_size, seed)
+        with one_thread():
+            sub = affinity if len(idx) == n else affinity[np.ix_(idx, idx)]
+            split = _split_subgraph(sub, min_size, seed)
         done += 1
         yield done, bound
         if split is None:

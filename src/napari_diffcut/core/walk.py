@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.typing import NDArray
 
+from napari_diffcut.core.ncut import single_thread_blas
 from napari_diffcut.errors import check_choice
 
 GRAPHS = ("walk", "similarity")
@@ -218,14 +219,23 @@ def stationary_distribution(transition: NDArray[np.floating]) -> NDArray[np.floa
     1e-5 relative, which is the sensitivity of pi to the float32 rounding of P
     itself, so nothing that the data holds is lost.
     """
-    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs
-
     n = transition.shape[0]
     if n <= 64:
         vals, vecs = np.linalg.eig(np.asarray(transition, np.float64).T)
         vec = vecs[:, int(np.argmax(vals.real))].real
         vec = np.abs(vec)
         return vec / vec.sum()
+    with single_thread_blas()():  # dozens of short products (core/ncut.py docstring)
+        vec = _leading_left_vector(transition)
+    vec = np.abs(vec)
+    return vec / vec.sum()
+
+
+def _leading_left_vector(transition: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Arnoldi for the leading left eigenvector (see :func:`stationary_distribution`)."""
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs
+
+    n = transition.shape[0]
     start = np.full(n, 1.0 / n)
     vec = None
     if n >= FLOAT32_MIN_NODES and transition.dtype == np.float32:
@@ -247,8 +257,7 @@ def stationary_distribution(transition: NDArray[np.floating]) -> NDArray[np.floa
             vec = start
             for _ in range(10000):
                 vec = pt @ vec
-    vec = np.abs(vec)
-    return vec / vec.sum()
+    return vec
 
 
 def power_walk(transition: NDArray[np.float32], power: int) -> NDArray[np.float32]:
