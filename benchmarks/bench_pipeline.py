@@ -136,9 +136,8 @@ def run(
         "load_avg_e2e": [load_before, load_average()],
     }
     record["recut_ms"] = record["recut"]["median"]
-    record["capture"] = unet_forward_times(
-        engine.model_for(Settings(**settings)), 2 if quick else 4
-    )
+    model = engine.model_for(Settings(**settings))
+    record["capture"] = unet_forward_times(model, 3 if quick else 5)
     record["capture_overhead"] = record["capture"]["capture_overhead"]
     return record
 

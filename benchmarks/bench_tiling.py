@@ -15,7 +15,7 @@ Usage::
         --sizes 1000 --tile-size 512 --working-size 512
     python benchmarks/bench_tiling.py --json out.json
 
-Prints a markdown table and writes JSON (default: benchmarks/bench_tiling.json).
+Prints a markdown table and writes JSON (default: benchmarks/results/bench_tiling.json).
 """
 
 from __future__ import annotations
@@ -104,13 +104,17 @@ def main() -> int:
     parser.add_argument("--working-size", type=int, default=128)
     parser.add_argument("--min-size", type=int, default=4)
     parser.add_argument("--memory-budget", type=int, default=16)
-    parser.add_argument("--json", default=str(Path(__file__).with_suffix(".json")))
+    default_json = Path(__file__).parent / "results" / "bench_tiling.json"
+    parser.add_argument("--json", default=str(default_json))
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.size is not None:
         print(json.dumps(run_one(args)))
         return 0
+    from bench_common import load_average, machine
+
     rows = []
+    load_before = load_average()
     for size in [int(s) for s in args.sizes.split(",")]:
         cmd = [sys.executable, __file__, "--size", str(size), "--backbone", args.backbone,
                "--model", args.model, "--tile-size", str(args.tile_size),
@@ -127,7 +131,13 @@ def main() -> int:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(row[h]) for h in header) + " |")
-    Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    context = {"machine": machine(), "load_before": load_before, "load_after": load_average(),
+               "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    print(f"load average {context['load_before']:.1f} -> {context['load_after']:.1f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(
+        json.dumps({"args": vars(args), "context": context, "rows": rows}, indent=2) + "\n"
+    )
     print(f"wrote {args.json}")
     return 0
 

@@ -20,8 +20,10 @@ from napari_diffcut.batch import (
     _output_lock,
     find_images,
     output_key,
+    output_state,
     plan_jobs,
     process_image,
+    remove_stale_temporaries,
     run_batch,
 )
 from napari_diffcut.cli import main
@@ -69,9 +71,7 @@ def _expected_files(keys: tuple[str, ...], levels: bool = False) -> list[str]:
 
 def _stamps(out: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime_ns) per output: a rename-into-place changes the inode."""
-    return {
-        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.diffcut.*")
-    }
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.diffcut.*")}
 
 
 # --------------------------------------------------------------------------------------
@@ -120,6 +120,21 @@ def test_plan_jobs_refuses_two_inputs_with_one_output_name(tmp_path: Path) -> No
         plan_jobs(paths, tmp_path, tmp_path / "out")
 
 
+def test_stale_temporaries_of_outputs_and_manifest_are_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (job,) = plan_jobs([tmp_path / "sub" / "c.png"], tmp_path, out)  # key "sub/c"
+    stale = [
+        out / ".diffcut-manifest.json.k3j2h1g0.tmp",
+        out / "sub" / ".c.diffcut.tif.a1b2c3d4.tmp",
+    ]
+    kept = [out / ".x.diffcut.tif.a1b2c3d4.tmp", out / "sub" / "c.diffcut.tif", out / ".other.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"")
+    assert remove_stale_temporaries([job], out) == 2
+    assert [p.exists() for p in stale + kept] == [False, False, True, True, True]
+
+
 def test_run_batch_rejects_bad_cluster_arguments(folder: Path, tmp_path: Path) -> None:
     s = Settings(**FAST)
     with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
@@ -146,9 +161,7 @@ def test_batch_import_is_light() -> None:
 # In-process runs
 
 
-def test_in_process_batch_resumes_and_reports_failures(
-    folder: Path, tmp_path: Path
-) -> None:
+def test_in_process_batch_resumes_and_reports_failures(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     s = Settings(**FAST)
     summary = run_batch(folder, out, s)
@@ -198,9 +211,7 @@ def test_in_process_batch_resumes_and_reports_failures(
     assert manifest["images"]["img0"]["status"] == "done"
 
 
-def test_stopped_run_leftovers_are_redone_and_cleaned(
-    folder: Path, tmp_path: Path
-) -> None:
+def test_stopped_run_leftovers_are_redone_and_cleaned(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     s = Settings(**FAST)
     (folder / "broken.png").unlink()
@@ -222,27 +233,35 @@ def test_stopped_run_leftovers_are_redone_and_cleaned(
     assert run_batch(folder, out, s, levels=True).done == ["img2"]
 
 
-def test_other_settings_are_refused_unless_overwrite(
-    folder: Path, tmp_path: Path
-) -> None:
+def test_other_settings_are_refused_unless_overwrite(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (folder / "broken.png").unlink()
-    run_batch(folder / "img0.png", out, Settings(**FAST))
+    run_batch(folder / "img0.png", out, Settings(**FAST), levels=True)
     before = _stamps(out)
     other = Settings(**FAST, threshold=0.5)
-    with pytest.raises(
-        ValueError, match=r"threshold='auto' \(requested 0.5\).*--overwrite"
-    ):
+    with pytest.raises(ValueError, match=r"threshold='auto' \(requested 0.5\).*--overwrite"):
         run_batch(folder, out, other)
     assert _stamps(out) == before  # refused before anything was written
     summary = run_batch(folder, out, other, overwrite=True)
     assert sorted(summary.done) == list(GOOD)
     assert json.loads((out / "img0.diffcut.json").read_text())["threshold"] == 0.5
+    # The old levels (threshold 'auto') went with the old labels: asking for
+    # levels now redoes img0 instead of taking the stale file as done.
+    assert not (out / "img0.levels.tif").exists()
+    assert sorted(run_batch(folder, out, other, levels=True).done) == list(GOOD)
 
 
-def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(
-    folder: Path, tmp_path: Path
-) -> None:
+def test_a_levels_file_not_named_by_the_json_is_not_done(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    s = Settings(**FAST)
+    run_batch(folder / "img0.png", out, s)
+    (out / "img0.levels.tif").write_bytes(b"left by someone else")
+    (job,) = plan_jobs([(folder / "img0.png").resolve()], folder.resolve(), out.resolve())
+    assert output_state(job, s, levels=False) == ("done", "")
+    assert output_state(job, s, levels=True) == ("missing", "levels TIFF missing")
+
+
+def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (folder / "broken.png").unlink()
     s = Settings(**FAST)
@@ -264,6 +283,19 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(
     assert summary.skipped == ["img0"] and summary.done == ["img1", "img2"]
 
 
+def test_a_model_that_cannot_load_stops_the_batch_at_once(folder: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(DiffCutError, match="batch stopped: the model could not be loaded"):
+        run_batch(folder, out, Settings(model=str(empty), working_size=128))
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["runs"][-1]["status"] == "aborted"
+    statuses = sorted(v["status"] for v in manifest["images"].values())
+    assert statuses == ["failed", "pending", "pending", "pending"]  # one try, not four
+    assert "not a complete diffusers model" in (out / LOG_NAME).read_text()
+
+
 def test_a_stack_gives_a_label_stack(tmp_path: Path) -> None:
     """A multi-page TIFF is segmented plane by plane by the engine; no levels list."""
     src = tmp_path / "stacks"
@@ -283,9 +315,7 @@ def test_a_retried_task_does_not_write_again(folder: Path, tmp_path: Path) -> No
     out = tmp_path / "out"
     s = Settings(**FAST)
     run_batch(folder / "img0.png", out, s)
-    (job,) = plan_jobs(
-        [(folder / "img0.png").resolve()], folder.resolve(), out.resolve()
-    )
+    (job,) = plan_jobs([(folder / "img0.png").resolve()], folder.resolve(), out.resolve())
     before = _stamps(out)
     result = process_image(job, s, levels=False, engine=DiffCutEngine())
     assert result.status == "done" and "retried" in result.note
@@ -302,18 +332,17 @@ def test_one_batch_per_output_folder(folder: Path, tmp_path: Path) -> None:
         run_batch(folder, out, Settings(**FAST))
 
 
-def test_cli_batch(
-    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_batch(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The CLI has no --working-size: one image at the default grid keeps it short.
     for name in ("img1.png", "img2.png"):
         (folder / name).unlink()
     out = tmp_path / "out"
     args = ["batch", str(folder), "--out", str(out), "--backbone", "pixels",
             "--max-depth", "1", "--min-size", "256", "-q"]  # fmt: skip
-    assert main(args) == 1  # one image failed
-    text = capsys.readouterr().out
-    assert "1 done, 0 skipped" in text and "failed broken" in text
+    assert main(args[:-1]) == 1  # one image failed; without -q: a progress bar
+    captured = capsys.readouterr()
+    assert "1 done, 0 skipped" in captured.out and "failed broken" in captured.out
+    assert "napari-diffcut batch" in captured.err and "2/2" in captured.err
     (folder / "broken.png").unlink()
     assert main(args) == 0
     assert "0 done, 1 skipped" in capsys.readouterr().out
@@ -384,9 +413,7 @@ def test_dask_worker_death_and_bad_image(folder: Path, tmp_path: Path, cluster) 
     assert summary.status == "completed"
     assert sorted(summary.done) == list(GOOD)
     assert list(summary.failed) == ["broken"]
-    assert Counter(r.key for r in summary.results) == Counter(
-        [*GOOD, "broken"]
-    )  # once each
+    assert Counter(r.key for r in summary.results) == Counter([*GOOD, "broken"])  # once each
     assert _files(out) == _expected_files(GOOD)  # no duplicates, no partial files
     for key in GOOD:
         labels = tifffile.imread(out / f"{key}.diffcut.tif")
@@ -395,15 +422,41 @@ def test_dask_worker_death_and_bad_image(folder: Path, tmp_path: Path, cluster) 
     assert "FAILED broken" in (out / LOG_NAME).read_text()
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["runs"][-1]["scheduler"] == cluster.scheduler_address
+    # The shared cluster's workers no longer hold our engine (nor its model).
+    from distributed import Client
+
+    from napari_diffcut._dask import PLUGIN_NAME
+
+    with Client(cluster) as client:
+        held = client.run(lambda dask_worker: PLUGIN_NAME in dask_worker.plugins)
+    assert len(held) == 2 and not any(held.values())
 
     # Second run on the same cluster: everything done is skipped.
     before = _stamps(out)
-    again = run_batch(
-        folder, out, Settings(**FAST), scheduler=cluster.scheduler_address
-    )
+    again = run_batch(folder, out, Settings(**FAST), scheduler=cluster.scheduler_address)
     assert sorted(again.skipped) == list(GOOD) and again.done == []
     assert list(again.failed) == ["broken"]
     assert _stamps(out) == before
+
+
+def test_a_task_lost_on_the_cluster_is_reported_as_failed(tmp_path: Path) -> None:
+    """After allowed-failures worker deaths Dask gives up on a task: report it, go on."""
+    from types import SimpleNamespace
+
+    from distributed import KilledWorker
+
+    from napari_diffcut._dask import _collect
+
+    class LostFuture:
+        def result(self) -> None:
+            worker = SimpleNamespace(address="tcp://127.0.0.1:1")
+            raise KilledWorker("napari-diffcut-ab-1", worker, 3)
+
+    (job,) = plan_jobs([tmp_path / "a.png"], tmp_path, tmp_path / "out")
+    result = _collect(LostFuture(), job)
+    assert (result.key, result.status, result.fatal) == ("a", "failed", False)
+    assert result.error.startswith("KilledWorker: Attempted to run task")
+    assert "allowed-failures" in result.details and str(job.input) in result.details
 
 
 def test_local_cluster_with_tiny_model_loads_once_per_worker(
@@ -418,9 +471,7 @@ def test_local_cluster_with_tiny_model_loads_once_per_worker(
     by_worker: dict[str, list[ImageResult]] = {}
     for r in summary.results:
         by_worker.setdefault(r.worker, []).append(r)
-    assert all(
-        w.split(":")[-1] != str(os.getpid()) for w in by_worker
-    )  # ran on workers
+    assert all(w.split(":")[-1] != str(os.getpid()) for w in by_worker)  # ran on workers
     # 3 images on 2 single-threaded workers: some worker did two, loading once.
     assert max(len(rs) for rs in by_worker.values()) >= 2
     for rs in by_worker.values():
@@ -431,6 +482,4 @@ def test_local_cluster_with_tiny_model_loads_once_per_worker(
     import torch
 
     # device="auto": each worker uses its GPU when it has one.
-    assert record["device_used"].startswith(
-        "cuda" if torch.cuda.is_available() else "cpu"
-    )
+    assert record["device_used"].startswith("cuda" if torch.cuda.is_available() else "cpu")

@@ -92,9 +92,16 @@ def test_split_merge_undo_redo_buttons(viewer: Any, seg: Segmentation, qtbot: An
     np.testing.assert_array_equal(split, tree.split(original, region))
     assert level1.selected_label in tree.children_labels(region)
     assert editor.undo_button.enabled
+    # The feature table follows: one row per label now in the layer.
+    assert sorted(level1.features["index"]) == sorted(set(np.unique(split)) - {0})
+    kid = tree.children_labels(region)[0]
+    row = list(level1.features["index"]).index(kid)
+    assert level1.features["parent"][row] == region
+    assert level1.features["area"][row] == np.sum(split == kid)
 
     editor.undo_button.native.click()
     np.testing.assert_array_equal(level1.data, original)
+    assert sorted(level1.features["index"]) == sorted(set(np.unique(original)) - {0})
     assert editor.redo_button.enabled
     editor.redo_button.native.click()
     np.testing.assert_array_equal(level1.data, split)

@@ -119,6 +119,15 @@ def test_paint_edits_survive_a_split(tree: LabelTree, pixel_leaf: np.ndarray) ->
     np.testing.assert_array_equal(tree.merge(out, 6), labels)
 
 
+def test_merge_of_a_label_painted_only_outside_its_region_is_refused(
+    tree: LabelTree, pixel_leaf: np.ndarray
+) -> None:
+    labels = level(pixel_leaf, [1, 1, 2, 1, 1, 2, 2, 2, 2])  # 2 | 3
+    labels[0, 7] = 4  # label 4 (node 3, under node 1) painted only onto region 3
+    with pytest.raises(DiffCutError, match="no pixel of label 4 lies in its tree region"):
+        tree.merge_edit(labels, 4)
+
+
 def test_merge_keeps_paint_outside_the_parent_subtree(
     tree: LabelTree, pixel_leaf: np.ndarray
 ) -> None:

@@ -115,6 +115,37 @@ def test_hungarian_equals_exhaustive_search(rng: np.random.Generator) -> None:
         assert counts.labelled == hist.sum()
 
 
+def _diffseg_counts(pred: np.ndarray, label: np.ndarray, n_class: int) -> tuple:
+    """DiffSeg's ``_fast_hist`` + ``hungarian_matching`` (diffseg/utils.py), one image."""
+    from scipy.optimize import linear_sum_assignment
+
+    label, pred = label.ravel(), pred.ravel()
+    width = np.maximum(n_class, pred.max() + 1)
+    mask = (label >= 0) & (label < n_class)
+    hist = np.bincount(width * label[mask] + pred[mask], minlength=n_class * width)
+    hist = hist.reshape(n_class, width)
+    row, col = linear_sum_assignment(hist, maximize=True)
+    tp = hist[row, col]
+    fn = hist.sum(1) - tp
+    fp = hist[:, col].sum(0) - np.diag(hist[:, col])
+    return tp, fp, fn, hist.sum()
+
+
+def test_counts_equal_diffseg_reference_code_with_ties(rng: np.random.Generator) -> None:
+    """Same TP/FP/FN as the peers' code, ties included, for 0..K-1 predictions."""
+    for _ in range(30):
+        n_class, k = int(rng.integers(2, 6)), int(rng.integers(1, 9))
+        label = rng.integers(0, n_class + 1, (6, 7))  # value n_class: unlabelled
+        label[rng.random(label.shape) < 0.1] = 255
+        pred = rng.integers(0, k, (6, 7))
+        pred = np.unique(pred, return_inverse=True)[1].reshape(pred.shape)  # 0..K-1, no gaps
+        counts, _ = hungarian_counts(confusion_histogram(label, pred * 10 + 3, n_class))
+        tp, fp, fn, total = _diffseg_counts(pred, label, n_class)
+        for got, want in zip((counts.tp, counts.fp, counts.fn), (tp, fp, fn), strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert counts.labelled == total
+
+
 def test_histogram_renumbers_predictions(rng: np.random.Generator) -> None:
     truth = rng.integers(0, 3, (9, 11))
     pred = rng.integers(0, 5, (9, 11))
@@ -245,6 +276,9 @@ def test_prepare_diffcut_protocol_sizes() -> None:
     assert lab.shape == (16, 16)
     assert ds.score_labels(np.zeros((64, 64), int), p).shape == (16, 16)
     assert ds.make_protocol("diffseg", input_size=256).score_size == 256
+    # DiffCut scores at 128 whatever its input size (eval_diffcut.py mask_size).
+    assert ds.make_protocol("diffcut", input_size=512).score_size == 128
+    assert ds.make_protocol("diffcut", score_size=64).input_size == 1024
     with pytest.raises(ValueError, match="protocol"):
         ds.make_protocol("nope")
 
@@ -359,10 +393,27 @@ def test_folder_layouts(tmp_path: Path) -> None:
     two = ds.folder(tmp_path / "b", ignore_index=-1)
     assert two.class_names == ["0", "255"]
     np.testing.assert_array_equal(two.load_truth(two.samples[0].mask), binary // 255)
+    # Names keep all but their last suffix (and .ome): img.001 and img.002 stay apart.
+    c = tmp_path / "c"
+    (c / "images").mkdir(parents=True)
+    (c / "masks").mkdir()
+    for k in (1, 2):
+        inst = _squares((24, 24), [(2 + k, 2, 8)])
+        iio.imwrite(c / "images" / f"img.00{k}.png", np.where(inst > 0, 210, 25).astype(np.uint8))
+        tifffile.imwrite(c / "masks" / f"img.00{k}.ome.tif", inst.astype(np.uint16))
+    pairs = [(s.name, s.image.name, s.mask.name) for s in ds.folder(c, instances=True).samples]
+    assert pairs == [
+        ("img.001", "img.001.png", "img.001.ome.tif"),
+        ("img.002", "img.002.png", "img.002.ome.tif"),
+    ]
     (tmp_path / "a" / "images" / "extra.png").write_bytes(
         (tmp_path / "a" / "images" / "cell0.png").read_bytes()
     )
     with pytest.raises(DiffCutError, match="no mask"):
+        ds.folder(tmp_path / "a")
+    # Two images with one name would be scored under one name: refused.
+    (tmp_path / "a" / "images" / "extra.png").rename(tmp_path / "a" / "images" / "cell0.tif")
+    with pytest.raises(DiffCutError, match="cell0.png and cell0.tif .* same name 'cell0'"):
         ds.folder(tmp_path / "a")
 
 
@@ -393,6 +444,9 @@ def test_resume_after_interruption_equals_clean_run(tmp_path: Path) -> None:
     assert clean["miou"] == pytest.approx(1.0) and clean["instances"]["object_f1"] == pytest.approx(
         1.0
     )
+
+    assert jsonl_path(tmp_path / "clean.json") == tmp_path / "clean.images.jsonl"
+    assert jsonl_path("run.a.json") != jsonl_path("run.b.json")
 
     out = tmp_path / "resumed.json"
     with pytest.raises(KeyboardInterrupt):
@@ -521,6 +575,17 @@ def test_cli_folder_instances_resume_and_errors(
         == 2
     )
     assert "no COCO image folder" in capsys.readouterr().err
+    coco = [
+        "evaluate",
+        "--dataset",
+        "coco-stuff-27",
+        "--root",
+        str(tmp_path),
+        "--ignore-index",
+        "0",
+    ]
+    assert main(coco) == 2
+    assert "apply to --dataset folder only" in capsys.readouterr().err
 
 
 def test_cli_cityscapes_layout_tiny_model(tmp_path: Path, tiny_model: Path) -> None:

@@ -131,3 +131,34 @@ def test_latent_grid_keeps_aspect(shape: tuple[int, int]) -> None:
     aspect, grid_aspect = shape[1] / shape[0], gw / gh
     # Sides are rounded to multiples of 8 latent cells; never stretched further than that.
     assert abs(np.log(grid_aspect / aspect)) < np.log((min(gh, gw) + 8) / min(gh, gw))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tile_overlap": 10}, "tile_overlap must be"),  # no tile_size
+        ({"tile_size": 256, "tile_overlap": 200}, "tile_overlap must be"),
+        ({"tile_size": 32}, "tile_size must be an integer >= 64"),
+        ({"working_size": 8}, "working_size must be an integer >= 64"),
+        ({"channel_axis": "first"}, "channel_axis must be an int"),
+        ({"consistent_stack": "yes"}, "consistent_stack must be"),
+        ({"memory_budget": 0}, "memory_budget must be"),
+    ],
+)
+def test_large_image_settings_are_validated(kwargs: dict, match: str) -> None:
+    from napari_diffcut import Settings
+
+    with pytest.raises(ValueError, match=match):
+        Settings(**kwargs)
+
+
+def test_large_image_settings_round_trip_json() -> None:
+    import json
+
+    from napari_diffcut import Settings
+
+    s = Settings(channel_axis="NONE", tile_size=512, tile_overlap=32, working_size=256,
+                 consistent_stack=True, memory_budget=64, channels=(2, 0))
+    assert s.channel_axis == "none"
+    back = Settings.from_dict(json.loads(json.dumps(s.as_dict())))
+    assert back == s

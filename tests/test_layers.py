@@ -263,3 +263,31 @@ def test_features_tolerate_hand_painted_labels() -> None:
     row = list(feats["index"]).index(big)
     assert feats["level"][row] == -1 and feats["parent"][row] == -1
     assert np.isnan(feats["ncut_cost"][row]) and feats["area"][row] == 25
+
+
+def test_saved_labels_fill_their_layer(seg: Segmentation) -> None:
+    """What the reader asks for: edited labels in the layer they were saved from."""
+    edited = seg.levels[1].copy()
+    edited[:2, :2] = 0
+    tuples = result_layer_data(seg, "img", labels=edited, labels_level=2, version="0.0.9")
+    by_name = {kw["name"]: (data, kw) for data, kw, _ in tuples}
+    data, kw = by_name["img diffcut level 2"]
+    assert data is edited and kw["visible"]
+    assert not by_name["img diffcut"][1]["visible"]
+    np.testing.assert_array_equal(by_name["img diffcut"][0], seg.labels)
+    assert kw["features"]["area"].sum() == edited.size - 4
+    assert {kw["metadata"][LAYER_KEY]["version"] for _, kw in by_name.values()} == {"0.0.9"}
+    main_only = result_layer_data(seg, "img", labels=edited)
+    assert main_only[0][0] is edited and main_only[0][1]["visible"]
+    with pytest.raises(ValueError, match="labels_level"):
+        result_layer_data(seg, "img", labels=edited, labels_level=len(seg.levels) + 1)
+    with pytest.raises(ValueError, match="shape"):
+        result_layer_data(seg, "img", labels=edited[1:])
+
+
+def test_geometry_from_a_saved_placement() -> None:
+    geo = Geometry.from_placement(
+        {"scale": [2.0, 0.5], "translate": [1, 2], "units": ["um", "um"], "axis_labels": "yx"}
+    )
+    assert geo == Geometry((2.0, 0.5), (1.0, 2.0), ("um", "um"), None)
+    assert Geometry.from_placement({}) == Geometry()

@@ -138,6 +138,9 @@ def test_multiscale_runs_on_closest_level_and_writes_level0_lazily() -> None:
     img = two_disc_image(1024)
     levels = [da.from_array(img[::f, ::f], chunks=256) for f in (1, 2, 4, 8)]
     assert is_multiscale(levels) and not is_multiscale(img)
+    assert not is_multiscale([img, img]) and not is_multiscale(levels[:1])
+    eight = [np.zeros((256, 256, 8), np.uint16), np.zeros((128, 128, 8), np.uint16)]
+    assert choose_level(eight, 128, 2) == 1  # resolved channel axis: no ambiguity error
     assert choose_level(levels, 128, None) == 3 and choose_level(levels, 512, None) == 1
     eager = segment(levels, **FAST)
     assert isinstance(eager, Segmentation) and eager.labels.shape == (1024, 1024)

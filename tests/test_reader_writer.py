@@ -48,16 +48,19 @@ def test_writer_then_reader_round_trip(seg: Segmentation, tmp_path: Path) -> Non
     reader = get_reader(written[0])
     assert callable(reader)
     layers = reader(written[0])
-    expected = plugin_layers(seg)
-    assert [kw["name"] for _, kw, _ in layers] == [kw["name"] for _, kw, _ in expected]
-    assert layers[0][1]["name"] == "cells diffcut"
-    assert [kw["name"] for _, kw, _ in layers[1:]] == [
+    # Added as a run adds them: the levels, then the main layer on top.
+    assert [kw["name"] for _, kw, _ in layers] == [
         f"cells diffcut level {n}" for n in range(1, len(seg.levels) + 1)
-    ]
+    ] + ["cells diffcut"]
+    layers = layers[-1:] + layers[:-1]
+    expected = plugin_layers(seg)
     for (d1, kw1, t1), (d2, kw2, t2) in zip(layers, expected, strict=True):
         assert t1 == t2 == "labels"
         np.testing.assert_array_equal(d1, d2)
         assert kw1["visible"] == kw2["visible"]
+        assert set(kw1) == set(kw2)
+        for column in kw2["features"]:
+            np.testing.assert_array_equal(kw1["features"][column], kw2["features"][column])
         assert kw1["scale"] == (2.0, 0.5) and kw1["translate"] == (10.0, -3.0)
         m1, m2 = kw1["metadata"]["napari_diffcut"], kw2["metadata"]["napari_diffcut"]
         assert set(m1) == set(m2)
@@ -80,9 +83,13 @@ def test_edits_survive_save_and_reopen_and_stay_editable(seg: Segmentation, tmp_
     path = write_labels_layer(str(tmp_path / "e"), edited, kwargs)[0]
     assert path.endswith("e.diffcut.zarr")
     layers = read_layers(path)
-    main = layers[0]
+    main = layers[-1]
+    assert main[1]["name"] == "cells diffcut" and main[1]["visible"]
     np.testing.assert_array_equal(main[0], edited)
-    assert 4242 not in main[1]["features"]["index"]  # painted: not a tree node
+    # A painted label gets a feature row like after a run: no tree columns.
+    features = main[1]["features"]
+    row = list(features["index"]).index(4242)
+    assert features["level"][row] == -1 and features["area"][row] == 9
     # Merge and split work on the reopened result, with the reopened tree.
     reopened = LabelTree.from_segmentation(main[1]["metadata"]["napari_diffcut"]["segmentation"])
     merged = reopened.merge(main[0], region)
@@ -91,6 +98,24 @@ def test_edits_survive_save_and_reopen_and_stay_editable(seg: Segmentation, tmp_
     assert parent is not None and np.any(merged == parent)
     np.testing.assert_array_equal(reopened.split(merged, parent), tree.split(merged, parent))
     assert np.all(merged[:3, :3] == 4242)
+
+
+def test_a_saved_level_reopens_as_that_level(seg: Segmentation, tmp_path: Path) -> None:
+    tuples = plugin_layers(seg)
+    data, kwargs, _ = tuples[2]  # level 2
+    edited = np.array(data)
+    edited[-3:, -3:] = 0  # erased by the user
+    path = write_labels_layer(str(tmp_path / "lvl"), edited, kwargs)[0]
+    layers = {kw["name"]: (d, kw) for d, kw, _ in read_layers(path)}
+    level2, kw2 = layers["cells diffcut level 2"]
+    np.testing.assert_array_equal(level2, edited)
+    assert kw2["visible"]  # what was saved is what is shown
+    main, kw_main = layers["cells diffcut"]
+    np.testing.assert_array_equal(main, seg.labels)  # recomputed from the tree
+    assert not kw_main["visible"]
+    assert [kw["visible"] for name, (_, kw) in layers.items() if name.endswith("level 1")] == [
+        False
+    ]
 
 
 def test_writer_keeps_the_threshold_setting(seg: Segmentation, tmp_path: Path) -> None:
@@ -163,10 +188,11 @@ def test_napari_opens_and_saves_through_the_manifest(seg: Segmentation, tmp_path
     viewer = ViewerModel()
     layers = viewer.open(str(path), plugin="napari-diffcut")
     names = [layer.name for layer in layers]
-    assert names[0] == "cells diffcut" and names[1:] == [
-        f"cells diffcut level {n}" for n in range(1, len(seg.levels) + 1)
+    assert names == [f"cells diffcut level {n}" for n in range(1, len(seg.levels) + 1)] + [
+        "cells diffcut"
     ]
     main = viewer.layers["cells diffcut"]
+    assert viewer.layers[-1] is main and viewer.layers.selection.active is main
     np.testing.assert_array_equal(main.data, seg.labels)
     assert isinstance(main.metadata["napari_diffcut"]["segmentation"], Segmentation)
     main.data[:2, :2] = 77

@@ -103,6 +103,19 @@ def test_rerun_updates_in_place(viewer: napari.Viewer, smear: Any) -> None:
     )
 
 
+def test_update_in_place_shows_the_new_result_to_data_listeners(
+    viewer: napari.Viewer, smear: Any
+) -> None:
+    """A listener of the data event (the hierarchy editor) sees the new tree, not the old."""
+    main = segment_layer(viewer, smear, **FAST)[0]
+    old = main.metadata[LAYER_KEY]["segmentation"]
+    seen: list[Any] = []
+    main.events.data.connect(lambda _e: seen.append(main.metadata[LAYER_KEY]["segmentation"]))
+    assert segment_layer(viewer, smear, **{**FAST, "seed": 3})[0] is main
+    new = main.metadata[LAYER_KEY]["segmentation"]
+    assert new is not old and seen and all(s is new for s in seen)
+
+
 def test_painted_layer_is_never_overwritten(viewer: napari.Viewer, smear: Any) -> None:
     main = segment_layer(viewer, smear, **FAST)[0]
     painted = main.data.copy()

@@ -168,13 +168,19 @@ def test_match_planes_one_to_one() -> None:
     assert lut[1] == 4 and lut[2] == 10 and lut[3] == 11 and next_id == 12
 
 
-def test_stack_beyond_budget_streams_to_zarr(tmp_path: Path) -> None:
+def test_stack_beyond_budget_streams_to_zarr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # temporary stores go here
     plane = np.full((380, 400), 40, np.uint8)
     plane[disc((380, 400), (190, 200), 90)] = 220
     stack = np.stack([plane, np.roll(plane, 30, axis=1), np.roll(plane, 60, axis=1)])
     small = segment(stack, memory_budget=1, consistent_stack=True, **FAST)  # 1.8 MB labels
     assert small.planes is None and small.store is not None
     assert Path(small.store).name == "labels.zarr" and small.labels.shape == (3, 380, 400)
+    assert Path(small.store).parent.parent == tmp_path
     big = segment(stack, consistent_stack=True, **FAST)
     np.testing.assert_array_equal(np.asarray(small.labels[:]), big.labels)
     with pytest.raises(DiffCutError, match="cut needs per-plane trees"):

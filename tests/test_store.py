@@ -262,3 +262,36 @@ def test_pixel_map_out_of_range(saved: Path, tmp_path: Path) -> None:
     group["pixel_leaf"][...] = leaf
     with pytest.raises(DiffCutError, match="pixel_leaf refers to nodes"):
         napari_diffcut.load(path)
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
+def test_consolidated_metadata_cannot_bypass_the_checks(
+    seg: Segmentation, saved: Path, tmp_path: Path
+) -> None:
+    """zarr would take array metadata from a consolidated copy in the group's zarr.json."""
+    import zarr
+
+    path = copy_of(saved, tmp_path)
+    zarr.consolidate_metadata(str(path))
+    edit_json(
+        path / "zarr.json",
+        lambda m: m["consolidated_metadata"]["metadata"]["labels"].update(data_type="float32"),
+    )
+    # The checked metadata (labels/zarr.json) is what the data is decoded with.
+    np.testing.assert_array_equal(store.read_result(path).labels, seg.labels)
+
+
+def test_forged_shape_is_refused_before_decoding(saved: Path, tmp_path: Path) -> None:
+    path = copy_of(saved, tmp_path)
+    edit_json(path / "labels" / "zarr.json", lambda m: m.update(shape=[200_000, 200_000]))
+    with pytest.raises(DiffCutError, match="labels is \\(200000, 200000\\)"):
+        napari_diffcut.load(path)
+
+
+def test_levels_are_recomputed_not_decoded(seg: Segmentation, saved: Path, tmp_path: Path) -> None:
+    path = copy_of(saved, tmp_path)
+    chunks = [p for p in (path / "levels").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"garbage")
+    assert_same(seg, napari_diffcut.load(path))

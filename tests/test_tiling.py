@@ -165,10 +165,21 @@ def check_bounded_memory(**kwargs: Any) -> TiledSegmentation:
     assert isinstance(large, TiledSegmentation) and large.settings["tiles"] == 4
     assert small.settings["tiles"] == 2
     assert large.store is not None and type(large.labels).__module__.startswith("zarr")
+    assert Path(large.store).parent.name.startswith("napari-diffcut-")
     assert peak_large <= peak_small * 1.03 + 4 * 2**20, (peak_small / 2**20, peak_large / 2**20)
     return large
 
 
+@pytest.fixture
+def temp_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Temporary zarr label stores go under the test's tmp_path."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.usefixtures("temp_stores")
 def test_3000px_pixels_backbone_one_label_across_borders_and_bounded_memory() -> None:
     seg = check_bounded_memory(backbone="pixels")
     labels = np.asarray(seg.labels[:])
@@ -187,6 +198,7 @@ def test_3000px_pixels_backbone_one_label_across_borders_and_bounded_memory() ->
     assert record["stitched_labels"] == len(np.unique(labels))
 
 
+@pytest.mark.usefixtures("temp_stores")
 def test_3000px_tiny_model_bounded_memory(tiny_model: Path) -> None:
     engine = DiffCutEngine()
     seg = check_bounded_memory(model=str(tiny_model), engine=engine)

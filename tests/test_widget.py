@@ -191,6 +191,29 @@ def test_pixels_backbone_on_sample(docked: tuple[Any, DiffCutWidget], qtbot: Any
     assert "segments" in widget.result_label.value
 
 
+def test_closing_the_widget_stops_click_edits(
+    docked: tuple[Any, DiffCutWidget], qtbot: Any
+) -> None:
+    viewer, widget = docked
+    image = viewer.add_image(np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1)), name="ramp")
+    widget.backbone_combo.value = "pixels"
+    widget.max_depth_spin.value = 2
+    widget.min_size_spin.value = 4
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    main = viewer.layers["ramp diffcut"]
+    viewer.layers.selection.active = main
+    editor = widget.hierarchy_editor
+    editor.click_action.value = "split"
+    raw = getattr(main, "__wrapped__", main)
+    assert editor.layer is raw and editor._on_mouse in raw.mouse_drag_callbacks
+    viewer.window.remove_dock_widget(widget.native)
+    assert editor._on_mouse not in raw.mouse_drag_callbacks
+    viewer.layers.selection.active = image
+    viewer.layers.selection.active = main  # a closed editor does not hook on again
+    assert editor.layer is None and editor._on_mouse not in raw.mouse_drag_callbacks
+
+
 def test_cancel_mid_run_leaves_no_layer(
     docked: tuple[Any, DiffCutWidget], qtbot: Any, tiny_model: Path, gated_run: dict[str, Any]
 ) -> None:
@@ -272,6 +295,7 @@ def test_missing_model_notifies_and_adds_nothing(
     assert result_layers(viewer) == []
     assert widget.run_button.enabled and not widget.cancel_button.enabled
     assert "failed" in widget.status_label.value
+    assert widget.progress_bar.value == 0  # a full bar would say "done"
 
 
 def test_bad_settings_show_an_error_and_do_not_start(

@@ -24,6 +24,9 @@ _LAZY = {
     "Node": "napari_diffcut.core.hierarchy",
     "DiffCutError": "napari_diffcut.errors",
     "load": "napari_diffcut.store",
+    "StackSegmentation": "napari_diffcut.stacks",
+    "TiledSegmentation": "napari_diffcut.tiling",
+    "run_batch": "napari_diffcut.batch",
     "segment_layer": "napari_diffcut.scripting",
 }
 

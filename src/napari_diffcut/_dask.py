@@ -69,13 +69,14 @@ class EnginePlugin(WorkerPlugin):
 
 def run_on_worker(job: Job, settings: Settings, levels: bool, reader: Reader | None) -> ImageResult:
     """Dask task: segment one image with this worker's engine and write its outputs."""
-    plugin = get_worker().plugins.get(PLUGIN_NAME)
+    worker = get_worker()
+    plugin = worker.plugins.get(PLUGIN_NAME)
     if not isinstance(plugin, EnginePlugin) or plugin.engine is None or plugin.lock is None:
-        # Registered before any task is submitted, so this is not expected; a
-        # fresh engine still gives a correct (if slower) result.
-        from napari_diffcut.engine import DiffCutEngine
-
-        return process_image(job, settings, levels=levels, engine=DiffCutEngine(), reader=reader)
+        # Registered before any task is submitted, so this is not expected; install
+        # one here all the same, so that the model still loads once per worker.
+        plugin = EnginePlugin()
+        plugin.setup(worker)
+        worker.plugins[PLUGIN_NAME] = plugin
     with plugin.lock:
         return process_image(job, settings, levels=levels, engine=plugin.engine, reader=reader)
 
@@ -135,6 +136,12 @@ def _collect(future: Any, job: Job) -> ImageResult:
             job.key,
             "failed",
             error=one_line(exc),
+            details=(
+                f"The Dask task of {job.input} was lost: {exc!r}\n"
+                "KilledWorker means that every worker that ran it died (up to "
+                "distributed.scheduler.allowed-failures times), for instance out of "
+                "memory; run the image alone to see why, or give workers more memory."
+            ),
             note="task lost on the cluster",
         )
 
@@ -151,7 +158,9 @@ def iter_results(
     """Submit one task per job and yield results as they complete.
 
     Closing the generator (error, Ctrl-C) cancels the tasks that have not
-    finished and, for a local cluster, shuts it down.
+    finished and, for a local cluster, shuts it down. On an existing cluster
+    the worker plugin is removed at the end, so that its workers free the model
+    (and GPU memory) for other work; the next batch registers it again anyway.
     """
     with connect(workers, scheduler) as client:
         try:
@@ -182,3 +191,6 @@ def iter_results(
         finally:
             if futures:
                 client.cancel(list(futures))
+            if scheduler is not None:
+                with contextlib.suppress(Exception):  # the cluster may be gone
+                    client.unregister_worker_plugin(PLUGIN_NAME)

@@ -24,6 +24,7 @@ import napari  # noqa: TID253 - a napari widget module, reached only through nap
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, PushButton  # noqa: TID253
 
+from napari_diffcut._layers import LAYER_KEY, diffcut_meta, label_features
 from napari_diffcut.editing import Edit, EditHistory, LabelTree
 from napari_diffcut.errors import DiffCutError
 from napari_diffcut.export import export_labels, free_stem
@@ -86,12 +87,31 @@ class HierarchyEditor(Container):
         self.redo_button.changed.connect(self._on_redo)
         self.export_button.changed.connect(self._on_export)
         self.click_action.changed.connect(self._on_click_action)
-        viewer.layers.selection.events.active.connect(self._on_active_layer)
-        viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._disposed = False
+        for emitter, callback in self._viewer_connections():
+            emitter.connect(callback)
         self._on_active_layer()
         self._refresh()
         # A closed editor must not keep acting on clicks.
-        self.native.destroyed.connect(lambda *_: self._detach())
+        self.native.destroyed.connect(lambda *_: self.dispose())
+
+    def _viewer_connections(self) -> list[tuple[Any, Any]]:
+        """(emitter, callback) pairs tying the editor to the viewer."""
+        layers = self._viewer.layers
+        return [
+            (layers.selection.events.active, self._on_active_layer),
+            (layers.events.removed, self._on_layer_removed),
+        ]
+
+    def dispose(self) -> None:
+        """Stop following the viewer and acting on clicks (the widget was closed)."""
+        if self._disposed:
+            return
+        self._disposed = True
+        for emitter, callback in self._viewer_connections():
+            emitter.disconnect(callback)
+        self._detach()
+        self._tree_cache = None
 
     # -- the layer we act on -------------------------------------------------------
     @property
@@ -102,7 +122,7 @@ class HierarchyEditor(Container):
     def _on_active_layer(self, event: Any = None) -> None:
         """Follow the viewer's active layer; hook our click callback onto it."""
         layer = _unwrap(self._viewer.layers.selection.active)
-        if layer is self._layer:
+        if layer is self._layer or self._disposed:
             return
         self._detach()
         if layer is not None and _segmentation(layer) is not None:
@@ -138,7 +158,7 @@ class HierarchyEditor(Container):
 
     def history(self, layer: Any = None) -> EditHistory:
         """Edit history of ``layer`` (default: current one), kept in its metadata."""
-        info = (_unwrap(layer) or self._layer).metadata["napari_diffcut"]
+        info = (_unwrap(layer) or self._layer).metadata[LAYER_KEY]
         if not isinstance(info.get("edit_history"), EditHistory):
             info["edit_history"] = EditHistory()
         return info["edit_history"]
@@ -301,11 +321,15 @@ class HierarchyEditor(Container):
             self.region.value = str(exc)
 
     def _write(self, layer: Any, edit: Edit) -> None:
+        """Write an edit into the layer; its features follow (one row per label)."""
         self._writing = True
         try:
             _write(layer, edit)
         finally:
             self._writing = False
+        seg = _segmentation(layer)
+        if edit.n_pixels and seg is not None:
+            layer.features = label_features(seg, np.asarray(layer.data))
 
     def _say(self, message: str, *, warn: bool = False) -> None:
         """Status line + napari notification (a warning for refused actions)."""
@@ -355,12 +379,11 @@ def _segmentation(layer: Any) -> Any:
     """The live Segmentation of a DiffCut Labels layer, or None."""
     from napari.layers import Labels
 
-    if not isinstance(layer, Labels):
-        return None
-    info = layer.metadata.get("napari_diffcut")
-    seg = info.get("segmentation") if isinstance(info, dict) else None
     from napari_diffcut.engine import Segmentation
 
+    if not isinstance(layer, Labels):
+        return None
+    seg = (diffcut_meta(layer.metadata) or {}).get("segmentation")
     return seg if isinstance(seg, Segmentation) else None
 
 

@@ -64,6 +64,26 @@ class Geometry:
     units: tuple[str, str] | None = None
     axis_labels: tuple[str, str] | None = None
 
+    @classmethod
+    def from_placement(cls, placement: dict[str, Any]) -> Geometry:
+        """The geometry recorded in a saved result's JSON ``layer`` placement.
+
+        Entries that are missing or not a pair fall back to napari's defaults.
+        """
+
+        def pair(key: str, cast: type) -> Any:
+            values = placement.get(key)
+            if not isinstance(values, list | tuple) or len(values) != 2:
+                return None
+            return (cast(values[0]), cast(values[1]))
+
+        return cls(
+            scale=pair("scale", float) or (1.0, 1.0),
+            translate=pair("translate", float) or (0.0, 0.0),
+            units=pair("units", str),
+            axis_labels=pair("axis_labels", str),
+        )
+
     def as_kwargs(self) -> dict[str, Any]:
         """Layer keyword arguments (units/axis_labels only when known)."""
         kw: dict[str, Any] = {"scale": self.scale, "translate": self.translate}
@@ -162,6 +182,7 @@ def layer_metadata(
     threshold: float,
     setting: float | str | None = None,
     plane: list[int | None] | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """``metadata`` of a result layer.
 
@@ -169,8 +190,9 @@ def layer_metadata(
     -------
     dict
         ``{"napari_diffcut": {...}}`` with keys ``settings`` (JSON-serialisable
-        run record, its ``threshold`` set to the threshold shown), ``version``,
-        ``role`` ("main" or "level"), ``level`` (int, or None for main),
+        run record, its ``threshold`` set to the threshold shown), ``version``
+        (this package's, or ``version`` if given: the one that saved a
+        reopened result), ``role`` ("main" or "level"), ``level`` (int, or None for main),
         ``source`` (source layer name), ``threshold`` (float in force),
         ``plane`` (for a plane of an nD layer: the index of every non-plane
         axis, None for the two plane axes; None for a 2-D layer) and
@@ -185,7 +207,7 @@ def layer_metadata(
     return {
         LAYER_KEY: {
             "settings": settings,
-            "version": __version__,
+            "version": __version__ if version is None else str(version),
             "role": role,
             "level": level,
             "source": source,
@@ -203,6 +225,9 @@ def result_layer_data(
     threshold: float | str | None = None,
     geometry: Geometry | None = None,
     plane: list[int | None] | None = None,
+    labels: NDArray[np.integer] | None = None,
+    labels_level: int | None = None,
+    version: str | None = None,
 ) -> list[LayerDataTuple]:
     """Layer-data tuples of a segmentation: main layer first, then levels 1..n.
 
@@ -218,20 +243,48 @@ def result_layer_data(
         Scale, translate, units and axis labels to copy from the source.
     plane : list, optional
         Non-plane indices when the source has more than two dimensions.
+    labels : array of int, shape (H, W), optional
+        Labels to show instead of the computed ones in the layer of
+        ``labels_level`` (a reopened result with the user's edits). That
+        layer is the visible one and the others are hidden.
+    labels_level : int, optional
+        Level (1 = coarsest) whose layer gets ``labels``; None: the main layer.
+    version : str, optional
+        Package version for the metadata (default: this one).
 
     Returns
     -------
     list of (data, kwargs, "labels")
         The main layer (visible) and one hidden layer per level.
+
+    Raises
+    ------
+    ValueError
+        ``labels_level`` is not a level at this threshold, or ``labels`` has
+        another shape than the segmentation.
     """
     setting, tau = resolve_threshold(seg, threshold)
     geo = (geometry or Geometry()).as_kwargs()
+    n_levels = level_count(seg, tau)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != tuple(seg.shape):
+            raise ValueError(
+                f"labels must have the segmentation's shape {tuple(seg.shape)}, "
+                f"got {labels.shape}"
+            )
+        if labels_level is not None and not 1 <= labels_level <= n_levels:
+            raise ValueError(
+                f"labels_level must be None (main layer) or a level in 1..{n_levels}, "
+                f"got {labels_level!r}"
+            )
+    shown = labels_level if labels is not None else None
 
-    def one(role: str, level: int | None, name: str, visible: bool) -> LayerDataTuple:
-        data = cut_data(seg, tau, level)
+    def one(role: str, level: int | None, name: str) -> LayerDataTuple:
+        data = labels if labels is not None and level == shown else cut_data(seg, tau, level)
         kwargs = {
             "name": name,
-            "visible": visible,
+            "visible": level == shown,
             "features": label_features(seg, data),
             "metadata": layer_metadata(
                 seg,
@@ -241,16 +294,14 @@ def result_layer_data(
                 threshold=tau,
                 setting=setting,
                 plane=plane,
+                version=version,
             ),
             **geo,
         }
         return (data, kwargs, "labels")
 
-    out = [one("main", None, main_layer_name(source), True)]
-    out += [
-        one("level", d, level_layer_name(source, d), False)
-        for d in range(1, level_count(seg, tau) + 1)
-    ]
+    out = [one("main", None, main_layer_name(source))]
+    out += [one("level", d, level_layer_name(source, d)) for d in range(1, n_levels + 1)]
     return out
 
 

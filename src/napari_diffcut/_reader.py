@@ -5,12 +5,14 @@ store (checked cheaply from the group's JSON header, nothing decoded), and a
 function otherwise. That function never raises into napari: a damaged store
 is reported as an error notification and opens nothing.
 
-The layers are the ones the plugin makes after a run (built by
-:func:`napari_diffcut._layers.result_layer_data`): the main layer
-``"<source> diffcut"`` with the saved (possibly edited) labels, then the levels
-``"<source> diffcut level N"`` (hidden, coarsest first), each with
-``metadata["napari_diffcut"]`` holding the live ``Segmentation``, so split and
-merge work on a reopened result.
+The layers are the ones the plugin makes after a run, built by the same
+function (:func:`napari_diffcut._layers.result_layer_data`): the main layer
+``"<source> diffcut"`` and the levels ``"<source> diffcut level N"``, each
+with ``metadata["napari_diffcut"]`` holding the live ``Segmentation``, so the
+threshold, split and merge work on a reopened result. The saved (possibly
+edited) labels go back into the layer they were saved from (the main layer
+or a level), which is the visible one; the other layers are recomputed from
+the tree. They are added in the order a run adds them (the main layer on top).
 """
 
 from __future__ import annotations
@@ -20,14 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from napari_diffcut._layers import (
-    LAYER_KEY,
-    Geometry,
-    label_features,
-    result_layer_data,
-)
+from napari_diffcut._layers import Geometry, result_layer_data
 from napari_diffcut.errors import DiffCutError
 from napari_diffcut.store import SUFFIX, SavedResult, is_result_store, read_result
 
@@ -52,27 +47,27 @@ def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | 
 def read_layers(path: PathOrPaths) -> list[LayerData]:
     """Layer data of a saved result; ``[(None,)]`` (napari's "nothing") on failure.
 
-    A store that cannot be opened is reported as a napari error notification
-    naming the file and the problem, instead of raising into napari.
+    The levels come first and the main layer last, so that napari stacks and
+    selects them as after a run. A store that cannot be opened is reported
+    as a napari error notification naming the file and the problem, instead
+    of raising into napari.
     """
-    single = _single_path(path)
     try:
+        single = _single_path(path)
         if single is None:
             raise DiffCutError(f"expected one {SUFFIX} folder, got {path!r}")
         result = read_result(single)
-        return saved_layer_data(result, default_source=_source_from_path(single))
+        layers = saved_layer_data(result, default_source=_source_from_path(single))
     except Exception as exc:  # noqa: BLE001 - shown to the user, never a crash of napari
         _notify_error(exc if isinstance(exc, DiffCutError) else DiffCutError(str(exc)))
         return [(None,)]
+    return layers[1:] + layers[:1]
 
 
 def saved_layer_data(
     result: SavedResult, *, default_source: str = "image"
 ) -> list[LayerData]:
     """The plugin's layers for a saved result (:func:`_layers.result_layer_data`).
-
-    The main layer gets the saved labels (user edits included) and a feature
-    table computed from them; the levels are recomputed from the tree.
 
     Parameters
     ----------
@@ -84,46 +79,29 @@ def saved_layer_data(
     Returns
     -------
     list of (data, kwargs, "labels")
-        Main layer first, then one hidden layer per level (as after a run).
+        Main layer first, then one layer per level, as after a run, except
+        that the saved labels (user edits included) fill the layer they were
+        saved from, which is the visible one.
     """
     seg = result.segmentation
     placement = result.layer
-    source = str(placement.get("source") or default_source)
-    layers = result_layer_data(
-        seg, source, geometry=_geometry(placement), plane=placement.get("plane")
-    )
-    out: list[LayerData] = []
-    for data, kwargs, kind in layers:
-        meta = kwargs["metadata"][LAYER_KEY]
-        meta["version"] = result.version  # the version that wrote the result
-        if meta["role"] == "main":
-            data = result.labels.copy()
-            kwargs["features"] = _features(seg, data)
-        out.append((data, kwargs, kind))
-    return out
-
-
-def _geometry(placement: dict[str, Any]) -> Geometry:
-    """Layer geometry recorded in the store (napari defaults where missing)."""
-
-    def pair(key: str, cast: type) -> Any:
-        values = placement.get(key)
-        if not isinstance(values, list) or len(values) != 2:
-            return None
-        return (cast(values[0]), cast(values[1]))
-
-    return Geometry(
-        scale=pair("scale", float) or (1.0, 1.0),
-        translate=pair("translate", float) or (0.0, 0.0),
-        units=pair("units", str),
-        axis_labels=pair("axis_labels", str),
+    return result_layer_data(
+        seg,
+        str(placement.get("source") or default_source),
+        geometry=Geometry.from_placement(placement),
+        plane=placement.get("plane"),
+        labels=result.labels,
+        labels_level=_saved_level(placement, seg),
+        version=result.version,
     )
 
 
-def _features(seg: Any, labels: Any) -> dict[str, Any]:
-    """Feature table of edited labels; labels painted outside the tree get no row."""
-    n_nodes = seg.hierarchy.arrays.n_nodes
-    return label_features(seg, np.where(labels <= n_nodes, labels, 0))
+def _saved_level(placement: dict[str, Any], seg: Any) -> int | None:
+    """The level whose layer was saved (None: the main layer, or unknown)."""
+    level = placement.get("level")
+    if placement.get("role") != "level" or isinstance(level, bool) or not isinstance(level, int):
+        return None
+    return level if 1 <= level <= seg.hierarchy.n_levels() else None
 
 
 def _single_path(path: PathOrPaths) -> Path | None:

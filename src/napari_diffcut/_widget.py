@@ -157,6 +157,7 @@ class DiffCutWidget(Container):
         self._disposed = False
         self._docked = False
         self._cancelled = False
+        self._succeeded = False
         self._build()
         self._connect_viewer()
         self._refresh_images()
@@ -492,6 +493,7 @@ class DiffCutWidget(Container):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self._cancelled = False
+        self._succeeded = False
         self._set_running(True, f"starting on {taken.source!r}")
         worker.start()
         return worker
@@ -526,6 +528,7 @@ class DiffCutWidget(Container):
         if self._disposed:
             return
         layers, _ = apply_result_layers(self._viewer, result_tuples(seg, taken))
+        self._succeeded = True
         self.status_label.value = f"done: {len(layers) - 1} level(s)"
         if self.image_combo.value is not None and self.image_combo.value.name == taken.source:
             self._sync_threshold_controls()
@@ -553,10 +556,13 @@ class DiffCutWidget(Container):
         if self._disposed:
             return
         status = self.status_label.value
-        self._set_running(
-            False, "ready" if status.startswith(("starting", "cancelling")) else status
-        )
-        self.progress_bar.value = self.progress_bar.max if not self._cancelled else 0
+        if self._cancelled and not self._succeeded:
+            status = "cancelled"  # also when the run ended before it saw the request
+        elif status.startswith("starting"):
+            status = "ready"
+        self._set_running(False, status)
+        # A full bar only for a result: not after an error or a cancel.
+        self.progress_bar.value = self.progress_bar.max if self._succeeded else 0
 
     # -- threshold --------------------------------------------------------------
     def _current_result(self) -> tuple[Segmentation, Any] | None:
@@ -613,6 +619,8 @@ class DiffCutWidget(Container):
             self.worker.quit()
         for emitter, callback in self._viewer_connections():
             emitter.disconnect(callback)
+        if self.hierarchy_editor is not None:
+            self.hierarchy_editor.dispose()  # no more click edits from a closed widget
         self.engine.unload()
         gc.collect()
 

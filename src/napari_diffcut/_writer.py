@@ -2,7 +2,8 @@
 
 The layer's ``metadata["napari_diffcut"]["segmentation"]`` gives the tree,
 levels and settings; the layer's current ``data`` is saved as the labels, so
-paint, split and merge edits survive a save and reopen. Plain label TIFFs stay
+paint, split and merge edits survive a save and reopen, and its role (main
+layer or level N) is recorded so the reader puts them back in that layer. Plain label TIFFs stay
 available through napari's own writer for layers of any kind.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_diffcut._layers import diffcut_meta
 from napari_diffcut.errors import DiffCutError, check_threshold
 from napari_diffcut.store import save
 
@@ -41,8 +43,8 @@ def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """
     from napari_diffcut.engine import Segmentation
 
-    info = (meta.get("metadata") or {}).get("napari_diffcut") or {}
-    seg = info.get("segmentation") if isinstance(info, dict) else None
+    info = diffcut_meta(meta.get("metadata")) or {}
+    seg = info.get("segmentation")
     name = meta.get("name", "the layer")
     if not isinstance(seg, Segmentation):
         raise DiffCutError(
@@ -62,6 +64,9 @@ def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
         "units": meta.get("units"),
         "axis_labels": meta.get("axis_labels"),
         "plane": info.get("plane"),
+        # Which layer these labels are, so the reader puts them back there.
+        "role": info.get("role"),
+        "level": info.get("level"),
     }
     # The setting ("auto" or a number) is in settings["threshold"]; "threshold"
     # holds the number in force (napari_diffcut._layers.layer_metadata).

@@ -115,11 +115,7 @@ def _has_magic(text: str) -> bool:
 def _is_candidate(path: Path) -> bool:
     """A visible file that is not one of our own outputs."""
     name = path.name
-    return (
-        path.is_file()
-        and not name.startswith(".")
-        and not name.endswith(_OUTPUT_SUFFIXES)
-    )
+    return path.is_file() and not name.startswith(".") and not name.endswith(_OUTPUT_SUFFIXES)
 
 
 def find_images(
@@ -155,8 +151,7 @@ def find_images(
         root, paths = _listed_images([Path(x).expanduser() for x in inputs])
     if not paths:
         raise ValueError(
-            f"inputs {text} matched no image (a folder is searched for "
-            f"{', '.join(IMAGE_SUFFIXES)})"
+            f"inputs {text} matched no image (a folder is searched for {', '.join(IMAGE_SUFFIXES)})"
         )
     return root.resolve(), sorted({x.resolve() for x in paths})
 
@@ -190,9 +185,7 @@ def _listed_images(paths: list[Path]) -> tuple[Path, list[Path]]:
     """(common parent folder, paths) of an explicit list of files."""
     missing = [str(x) for x in paths if not x.is_file()]
     if missing:
-        raise ValueError(
-            f"inputs: {len(missing)} file(s) not found, e.g. {missing[0]!r}"
-        )
+        raise ValueError(f"inputs: {len(missing)} file(s) not found, e.g. {missing[0]!r}")
     if not paths:
         return Path(), []
     return Path(os.path.commonpath([x.resolve().parent for x in paths])), paths
@@ -256,9 +249,7 @@ def settings_difference(record: Any, settings: Settings) -> str:
 
     saved = record.get("batch_settings") if isinstance(record, dict) else None
     if not isinstance(saved, dict):
-        return (
-            "settings JSON has no batch_settings (not written by napari-diffcut batch)"
-        )
+        return "settings JSON has no batch_settings (not written by napari-diffcut batch)"
     # Compare in JSON form (lists, string keys), the form the record was saved in.
     wanted = _json_form(settings.as_dict())
     defaults = _json_form(Settings().as_dict())
@@ -280,11 +271,12 @@ def _json_form(data: dict[str, Any]) -> dict[str, Any]:
 def output_state(job: Job, settings: Settings, *, levels: bool) -> tuple[str, str]:
     """``("done" | "missing" | "conflict", reason)`` for a job's outputs.
 
-    done: the settings JSON matches ``settings`` and the label TIFF (and the
-    levels TIFF when ``levels``) exist. missing: no JSON (never run, failed,
-    or stopped before its JSON was renamed into place), or the JSON matches
-    but an image is gone. conflict: the JSON is unreadable or was made with
-    other settings.
+    done: the settings JSON matches ``settings`` and the label TIFF (and,
+    when ``levels``, a levels TIFF that the JSON records) exist. missing: no
+    JSON (never run, failed, or stopped before its JSON was renamed into
+    place), or the JSON matches but an image is gone or its levels were not
+    written with it. conflict: the JSON is unreadable or was made with other
+    settings.
     """
     if not job.record.is_file():
         return "missing", "no settings JSON"
@@ -297,7 +289,9 @@ def output_state(job: Job, settings: Settings, *, levels: bool) -> tuple[str, st
         return "conflict", diff
     if not job.labels.is_file():
         return "missing", "label TIFF missing"
-    if levels and not job.levels.is_file():
+    # The JSON names the levels TIFF only when it was written with these labels;
+    # a levels file alone may be left from a run with other settings.
+    if levels and not (job.levels.is_file() and "levels_output" in record):
         return "missing", "levels TIFF missing"
     return "done", ""
 
@@ -354,9 +348,7 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}{more}"
 
 
-def _failure(
-    job: Job, exc: BaseException, start: float, *, fatal: bool = False
-) -> ImageResult:
+def _failure(job: Job, exc: BaseException, start: float, *, fatal: bool = False) -> ImageResult:
     return ImageResult(
         key=job.key,
         status="failed",
@@ -368,9 +360,7 @@ def _failure(
     )
 
 
-def write_outputs(
-    job: Job, seg: Any, settings: Settings, *, levels: bool
-) -> list[Path]:
+def write_outputs(job: Job, seg: Any, settings: Settings, *, levels: bool) -> list[Path]:
     """Write the label TIFF, the levels TIFF (if ``levels``), then the settings JSON.
 
     ``seg`` is what the engine returns: a :class:`~napari_diffcut.engine.Segmentation`
@@ -379,7 +369,8 @@ def write_outputs(
     Each file is written atomically (temporary file, then rename). The JSON
     comes last, so a run stopped in between leaves an image that is not done
     and is redone next time. When replacing outputs made with other settings,
-    their JSON is removed first for the same reason.
+    their JSON is removed first for the same reason, and so is their levels
+    TIFF when no new one is written (it would not match the new labels).
     """
     if levels and not hasattr(seg, "levels"):
         raise DiffCutError(
@@ -388,6 +379,8 @@ def write_outputs(
         )
     if job.replace:
         job.record.unlink(missing_ok=True)
+        if not levels:
+            job.levels.unlink(missing_ok=True)
     write_labels(job.labels, np.asarray(seg.labels))
     record = dict(
         getattr(seg, "settings", {}),
@@ -451,9 +444,7 @@ def process_image(
     if state == "conflict" and not job.replace:
         return _failure(
             job,
-            DiffCutError(
-                f"outputs with other settings appeared during the run: {reason}"
-            ),
+            DiffCutError(f"outputs with other settings appeared during the run: {reason}"),
             start,
         )
     had_model = engine.loaded
@@ -486,9 +477,7 @@ def _iter_in_process(
     engine = DiffCutEngine()
     try:
         for job in jobs:
-            yield process_image(
-                job, settings, levels=levels, engine=engine, reader=reader
-            )
+            yield process_image(job, settings, levels=levels, engine=engine, reader=reader)
     finally:
         engine.unload()
 
@@ -560,47 +549,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _relative(path: Path, out_dir: Path) -> str:
-    return path.relative_to(out_dir).as_posix()
-
-
-class _Progress:
-    """tqdm bar on stderr when available, else a one-line counter; or silent."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.count = 0
-        self.bar: Any = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # pragma: no cover - tqdm comes with huggingface_hub
-                return
-            self.bar = tqdm(
-                total=total, unit="image", desc="napari-diffcut batch", file=sys.stderr
-            )
-
-    def update(self, failed: int) -> None:
-        self.count += 1
-        if self.bar is not None:
-            self.bar.set_postfix(failed=failed, refresh=False)
-            self.bar.update(1)
-        elif self.enabled:
-            print(
-                f"\r[{self.count}/{self.total}] {failed} failed",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.count:
-            print(file=sys.stderr)
-
-
 class _Recorder:
     """Driver-side bookkeeping: summary, manifest, failure log and progress bar."""
 
@@ -616,6 +564,8 @@ class _Recorder:
         progress: bool,
         total: int,
     ) -> None:
+        from tqdm.auto import tqdm  # a dependency of huggingface_hub, hence always there
+
         from napari_diffcut import __version__
 
         self.start = time.perf_counter()
@@ -623,19 +573,21 @@ class _Recorder:
         self.levels = levels
         self.jobs = {job.key: job for job in jobs}
         self.summary = BatchSummary(out_dir, skipped=[job.key for job in skipped])
-        self.progress = _Progress(total, progress)
-        old = self._read_manifest()
-        images = (
-            dict(old.get("images", {})) if isinstance(old.get("images"), dict) else {}
+        self.progress = tqdm(
+            total=total,
+            unit="image",
+            desc="napari-diffcut batch",
+            file=sys.stderr,
+            disable=not progress,
         )
+        old = self._read_manifest()
+        images = dict(old.get("images", {})) if isinstance(old.get("images"), dict) else {}
         skipped_keys = set(self.summary.skipped)
         for job in jobs:
             previous = images.get(job.key, {})
             if job.key in skipped_keys and previous.get("status") == "done":
                 continue
-            images[job.key] = self._entry(
-                job, "done" if job.key in skipped_keys else "pending"
-            )
+            images[job.key] = self._entry(job, "done" if job.key in skipped_keys else "pending")
         self.run = dict(run_info, started=_now(), finished=None, status="running")
         runs = old.get("runs", []) if isinstance(old.get("runs"), list) else []
         self.manifest: dict[str, Any] = {
@@ -658,20 +610,16 @@ class _Recorder:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def _entry(
-        self, job: Job, status: str, result: ImageResult | None = None
-    ) -> dict[str, Any]:
+    def _entry(self, job: Job, status: str, result: ImageResult | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "input": str(job.input),
             "status": status,
-            "outputs": [_relative(p, self.out_dir) for p in job.outputs(self.levels)]
+            "outputs": [p.relative_to(self.out_dir).as_posix() for p in job.outputs(self.levels)]
             if status == "done"
             else [],
         }
         if result is not None:
-            entry.update(
-                seconds=round(result.seconds, 3), worker=result.worker, finished=_now()
-            )
+            entry.update(seconds=round(result.seconds, 3), worker=result.worker, finished=_now())
             if result.error:
                 entry["error"] = result.error
             if result.note:
@@ -688,15 +636,14 @@ class _Recorder:
             self.summary.failed[result.key] = result.error
             self._log_failure(job, result)
         self.manifest["images"][result.key] = self._entry(job, result.status, result)
-        self.progress.update(len(self.summary.failed))
+        self.progress.set_postfix(failed=len(self.summary.failed), refresh=False)
+        self.progress.update(1)
         self.flush()
 
     def _log_failure(self, job: Job, result: ImageResult) -> None:
         details = result.details.rstrip().replace("\n", "\n    ")
-        self.log(
-            f"FAILED {job.key} ({job.input}) on {result.worker}: {result.error}"
-            f"\n    {details}"
-        )
+        where = result.worker or "the cluster"
+        self.log(f"FAILED {job.key} ({job.input}) on {where}: {result.error}\n    {details}")
 
     def log(self, message: str) -> None:
         """Append a timestamped block to the log (opened per write: crash-safe)."""
@@ -725,8 +672,7 @@ class _Recorder:
         self.flush(force=True)
         s = self.summary
         self.log(
-            f"END {status}: {len(s.done)} done, {len(s.skipped)} skipped, "
-            f"{len(s.failed)} failed"
+            f"END {status}: {len(s.done)} done, {len(s.skipped)} skipped, {len(s.failed)} failed"
         )
         return s
 
@@ -758,20 +704,17 @@ def _output_lock(out_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def remove_stale_temporaries(jobs: Sequence[Job]) -> int:
-    """Delete temporary files left by a killed writer of these jobs' outputs.
+def remove_stale_temporaries(jobs: Sequence[Job], out_dir: Path) -> int:
+    """Delete temporary files left by a killed writer of the outputs or the manifest.
 
     :func:`napari_diffcut.io.atomic_write_bytes` writes ``.NAME.XXXXXXXX.tmp``
     beside ``NAME``. Each output folder is listed once, so this stays linear in
     the number of images. Returns the number of files removed.
     """
-    by_dir: dict[Path, set[str]] = {}
+    by_dir: dict[Path, set[str]] = {out_dir: {MANIFEST_NAME}}
     for job in jobs:
         for path in (job.labels, job.levels, job.record):
             by_dir.setdefault(path.parent, set()).add(path.name)
-    if jobs:
-        out_root = jobs[0].record.parent
-        by_dir.setdefault(out_root, set()).add(MANIFEST_NAME)
     removed = 0
     for folder, names in by_dir.items():
         if not folder.is_dir():
@@ -827,8 +770,7 @@ def _batch_settings(settings: Settings | None) -> Settings:
         settings = Settings()
     if not isinstance(settings, Settings):
         raise TypeError(
-            "settings must be a napari_diffcut.Settings or None, got "
-            f"{type(settings).__name__}"
+            f"settings must be a napari_diffcut.Settings or None, got {type(settings).__name__}"
         )
     model = Path(settings.model).expanduser()
     if settings.backbone == "diffusion" and model.is_dir():
@@ -840,19 +782,15 @@ def _check_cluster(workers: int | None, scheduler: str | None) -> None:
     if workers is not None and scheduler is not None:
         raise ValueError(
             "pass either workers (a local cluster) or scheduler (an existing one), "
-            "got "
-            f"workers={workers!r} and scheduler={scheduler!r}"
+            f"got workers={workers!r} and scheduler={scheduler!r}"
         )
     if workers is not None and (
         isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
     ):
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    if scheduler is not None and (
-        not isinstance(scheduler, str) or "://" not in scheduler
-    ):
+    if scheduler is not None and (not isinstance(scheduler, str) or "://" not in scheduler):
         raise ValueError(
-            "scheduler must be an address such as 'tcp://10.0.0.5:8786', "
-            f"got {scheduler!r}"
+            f"scheduler must be an address such as 'tcp://10.0.0.5:8786', got {scheduler!r}"
         )
 
 
@@ -929,12 +867,10 @@ def run_batch(
     jobs = plan_jobs(paths, root, out)
     out.mkdir(parents=True, exist_ok=True)
     with _output_lock(out):
-        remove_stale_temporaries(jobs)
+        remove_stale_temporaries(jobs, out)
         todo, skipped = _classify(jobs, s, levels=levels, overwrite=overwrite)
         run_info = {
-            "inputs": os.fspath(inputs)
-            if isinstance(inputs, (str, os.PathLike))
-            else "list",
+            "inputs": os.fspath(inputs) if isinstance(inputs, (str, os.PathLike)) else "list",
             "root": str(root),
             "workers": workers,
             "scheduler": scheduler,
@@ -950,10 +886,7 @@ def run_batch(
             progress=progress,
             total=len(todo),
         )
-        rec.log(
-            f"START {len(jobs)} images, {len(skipped)} already done, "
-            f"{len(todo)} to process"
-        )
+        rec.log(f"START {len(jobs)} images, {len(skipped)} already done, {len(todo)} to process")
         status = "aborted"
         try:
             _execute(
@@ -971,7 +904,7 @@ def run_batch(
             raise
         finally:
             summary = rec.close(status)
-            remove_stale_temporaries(jobs)
+            remove_stale_temporaries(jobs, out)
             if status == "interrupted" and progress:
                 print(f"napari-diffcut batch: {summary}", file=sys.stderr)
     return summary
@@ -1016,7 +949,9 @@ def _execute(
             if result.fatal:
                 raise DiffCutError(
                     f"batch stopped: the model could not be loaded on {result.worker}: "
-                    f"{result.error}"
+                    f"{result.error}; every image would fail the same way. Fix --model "
+                    "(or --device, --dtype) and run the same command again: images "
+                    "already done are kept"
                 )
 
 

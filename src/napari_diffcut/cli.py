@@ -23,7 +23,10 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 #: Subcommands living in other modules: name -> module with ``add_parser(subparsers)``
 #: returning the parser, whose ``func`` default runs the command.
-EXTRA_COMMANDS: dict[str, str] = {"batch": "napari_diffcut.batch", "evaluate": "napari_diffcut.evaluate"}
+EXTRA_COMMANDS: dict[str, str] = {
+    "batch": "napari_diffcut.batch",
+    "evaluate": "napari_diffcut.evaluate",
+}
 
 
 class UserError(Exception):
@@ -36,7 +39,9 @@ def _threshold(text: str) -> float | str:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1], got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a number in (0, 1], got {text!r}"
+        ) from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1], got {text!r}")
     return value
@@ -59,7 +64,9 @@ def _percentiles(text: str) -> tuple[float, float] | None:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH percentiles like '1,99.8' or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected LOW,HIGH percentiles like '1,99.8' or 'none', got {text!r}"
+        ) from None
     return (lo, hi)
 
 
@@ -77,59 +84,140 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that segments (segment, batch, evaluate)."""
     g = parser.add_argument_group("segmentation")
     add = g.add_argument
-    add("--model", default=DEFAULT_MODEL,
-        help="Hugging Face repo id or local diffusers folder (default: %(default)s)")
-    add("--backbone", choices=("diffusion", "pixels"), default="diffusion",
-        help="diffusion: Stable Diffusion self-attention; pixels: weight-free colour/position "
-        "walk")
+    add(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Hugging Face repo id or local diffusers folder (default: %(default)s)",
+    )
+    add(
+        "--backbone",
+        choices=("diffusion", "pixels"),
+        default="diffusion",
+        help="diffusion: Stable Diffusion self-attention; pixels: weight-free colour/position walk",
+    )
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    add("--dtype", default="auto",
-        help="auto (fp16 on CUDA, else fp32), float16, bfloat16, float32")
-    add("--mode", choices=("fast", "inversion"), default="fast",
-        help="fast: one UNet call at --timestep; inversion: --steps DDIM-inversion steps")
-    add("--timestep", type=int, default=300,
-        help="UNet timestep of fast mode (default 300, DiffSeg)")
+    add(
+        "--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), float16, bfloat16, float32"
+    )
+    add(
+        "--mode",
+        choices=("fast", "inversion"),
+        default="fast",
+        help="fast: one UNet call at --timestep; inversion: --steps DDIM-inversion steps",
+    )
+    add(
+        "--timestep",
+        type=int,
+        default=300,
+        help="UNet timestep of fast mode (default 300, DiffSeg)",
+    )
     add("--steps", type=int, default=10, help="DDIM-inversion steps of 50 (default 10)")
     add("--noise", action="store_true", help="fast mode: add seeded DDPM noise (DiffCut style)")
     add("--power", type=int, default=1, help="walk length k: use P^k (default 1)")
-    add("--graph", choices=("walk", "similarity"), default="walk",
-        help="walk: random-walk graph; similarity: cosine of attention rows")
-    add("--threshold", type=_threshold, default="auto",
-        help="NCut threshold in (0, 1], or auto (default)")
-    add("--min-size", type=int, default=16,
-        help="minimum segment size in patches (default 16)")
+    add(
+        "--graph",
+        choices=("walk", "similarity"),
+        default="walk",
+        help="walk: random-walk graph; similarity: cosine of attention rows",
+    )
+    add(
+        "--threshold",
+        type=_threshold,
+        default="auto",
+        help="NCut threshold in (0, 1], or auto (default)",
+    )
+    add("--min-size", type=int, default=16, help="minimum segment size in patches (default 16)")
     add("--max-depth", type=int, default=8, help="maximum tree depth (default 8)")
-    add("--resolution-weights", type=_weights, default=None,
-        help="attention weights per downsampling factor, e.g. '1:8,2:4,4:2,8:1'")
+    add(
+        "--resolution-weights",
+        type=_weights,
+        default=None,
+        help="attention weights per downsampling factor, e.g. '1:8,2:4,4:2,8:1'",
+    )
     add("--seed", type=int, default=0, help="seed of eigen-solver start vectors and noise")
     add("--revision", default=None, help="model revision (hub models)")
-    add("--allow-pickle", action="store_true",
-        help="accept pickled .bin weights (can run code; only for trusted models)")
-    add("--channels", type=lambda t: [int(c) for c in t.split(",")], default=None,
-        help="up to 3 channel indices mapped to RGB, e.g. '0,2,1' (default: the first 3)")
-    add("--normalize", type=_percentiles, default=(1.0, 99.8),
-        help="percentiles LOW,HIGH for non-8-bit data (default 1,99.8), or none for min-max")
-    add("--channel-axis", type=_channel_axis, default=None,
+    add(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled .bin weights (can run code; only for trusted models)",
+    )
+    add(
+        "--channels",
+        type=lambda t: [int(c) for c in t.split(",")],
+        default=None,
+        help="up to 3 channel indices mapped to RGB, e.g. '0,2,1' (default: the first 3)",
+    )
+    add(
+        "--normalize",
+        type=_percentiles,
+        default=(1.0, 99.8),
+        help="percentiles LOW,HIGH for non-8-bit data (default 1,99.8), or none for min-max",
+    )
+    add(
+        "--channel-axis",
+        type=_channel_axis,
+        default=None,
         help="axis holding channels (e.g. 1 for ZCYX), or 'none'; default: from the TIFF's "
-        "axes, else a last axis of at most 4 is channels")
-    add("--working-size", type=int, default=None,
-        help="working size in pixels of a square image (default: the model's; SD 1.5: 512)")
-    add("--tile-size", type=int, default=None,
+        "axes, else a last axis of at most 4 is channels",
+    )
+    add(
+        "--working-size",
+        type=int,
+        default=None,
+        help="working size in pixels of a square image (default: the model's; SD 1.5: 512)",
+    )
+    add(
+        "--tile-size",
+        type=int,
+        default=None,
         help="tiled mode: tiles of this many pixels, stitched (default: the whole image at "
-        "the working size)")
-    add("--tile-overlap", type=int, default=None,
-        help="overlap of neighbouring tiles in pixels (default: tile size / 8)")
-    add("--consistent-stack", action="store_true",
-        help="stacks: a region keeps its label from plane to plane")
-    add("--memory-budget", type=int, default=512,
-        help="MiB of labels held in memory; larger label images go to zarr (default 512)")
+        "the working size)",
+    )
+    add(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        help="overlap of neighbouring tiles in pixels (default: tile size / 8)",
+    )
+    add(
+        "--consistent-stack",
+        action="store_true",
+        help="stacks: a region keeps its label from plane to plane",
+    )
+    add(
+        "--memory-budget",
+        type=int,
+        default=512,
+        help="MiB of labels held in memory; larger label images go to zarr (default 512)",
+    )
 
 
 SETTING_OPTIONS = (
-    "model", "backbone", "device", "dtype", "mode", "timestep", "steps", "noise", "power",
-    "graph", "threshold", "min_size", "max_depth", "resolution_weights", "seed", "revision",
-    "allow_pickle", "channels", "normalize", "channel_axis", "working_size", "tile_size",
-    "tile_overlap", "consistent_stack", "memory_budget",
+    "model",
+    "backbone",
+    "device",
+    "dtype",
+    "mode",
+    "timestep",
+    "steps",
+    "noise",
+    "power",
+    "graph",
+    "threshold",
+    "min_size",
+    "max_depth",
+    "resolution_weights",
+    "seed",
+    "revision",
+    "allow_pickle",
+    "channels",
+    "normalize",
+    "channel_axis",
+    "working_size",
+    "tile_size",
+    "tile_overlap",
+    "consistent_stack",
+    "memory_budget",
 )
 
 
@@ -154,7 +242,10 @@ def print_progress(quiet: bool) -> Callable[[Any], None] | None:
     def show(event: Any) -> None:
         if event.stage != last[0]:
             last[0] = event.stage
-            print(f"[{time.perf_counter() - start:6.1f}s] {event.stage}: {event.message}", file=sys.stderr)
+            print(
+                f"[{time.perf_counter() - start:6.1f}s] {event.stage}: {event.message}",
+                file=sys.stderr,
+            )
 
     return show
 
@@ -320,8 +411,15 @@ def _write_tiled_tiff(path: Path, labels: Any) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        tifffile.imwrite(tmp, data=tiles(), shape=shape, dtype=np.uint32,
-                         tile=(TIFF_TILE, TIFF_TILE), compression="zlib", bigtiff=True)
+        tifffile.imwrite(
+            tmp,
+            data=tiles(),
+            shape=shape,
+            dtype=np.uint32,
+            tile=(TIFF_TILE, TIFF_TILE),
+            compression="zlib",
+            bigtiff=True,
+        )
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -343,6 +441,8 @@ def _write_zarr(path: Path, labels: Any) -> Path:
     for index, ys, xs in _blocks(shape, 1024):
         dest[(*index, ys, xs)] = np.asarray(labels[(*index, ys, xs)])
     return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (subcommands registered lazily by module)."""
     parser = argparse.ArgumentParser(
@@ -354,9 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     seg = sub.add_parser("segment", help="segment one image, write a label TIFF and settings JSON")
     seg.add_argument("image", help="input image (TIFF, PNG, JPEG, ...)")
-    seg.add_argument("--out", "-o", default=None,
-                     help="output label TIFF (default: IMAGE stem + .diffcut.tif beside the input)")
-    seg.add_argument("--levels", action="store_true", help="also write every hierarchy level (STEM.levels.tif)")
+    seg.add_argument(
+        "--out",
+        "-o",
+        default=None,
+        help="output label TIFF (default: IMAGE stem + .diffcut.tif beside the input)",
+    )
+    seg.add_argument(
+        "--levels", action="store_true", help="also write every hierarchy level (STEM.levels.tif)"
+    )
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     add_segment_options(seg)

@@ -213,7 +213,8 @@ class LabelTree:
         ValueError
             ``labels`` has the wrong shape or ``label`` is not a tree region.
         DiffCutError
-            ``label`` is a tree leaf or is not in ``labels``.
+            ``label`` is a tree leaf, is not in ``labels``, or lies only
+            outside its tree region (painted by hand).
         """
         lab = self._check_labels(labels)
         node = self.node(label)
@@ -250,7 +251,8 @@ class LabelTree:
         ValueError
             ``labels`` has the wrong shape or ``label`` is not a tree region.
         DiffCutError
-            ``label`` is the root or is not in ``labels``.
+            ``label`` is the root, is not in ``labels``, or lies only outside
+            its tree region (painted by hand).
         """
         lab = self._check_labels(labels)
         node = self.node(label)
@@ -265,6 +267,10 @@ class LabelTree:
         in_tree = self._in_subtree(self.pixel_leaf.reshape(-1), parent)
         in_labels = self._labels_in_subtree(flat, parent)
         idx = np.flatnonzero(in_tree & in_labels & (flat != parent + 1))
+        if idx.size == 0:  # then every pixel of `label` lies outside its tree area
+            raise DiffCutError(
+                f"no pixel of label {label} lies in its tree region (all painted by hand?)"
+            )
         new = np.full(idx.size, parent + 1, _values_dtype(flat.dtype, parent + 1))
         return Edit(idx, flat[idx].copy(), new, f"merge {label} into {parent + 1}")
 

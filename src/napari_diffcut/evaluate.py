@@ -122,9 +122,15 @@ def _dataset(args: argparse.Namespace) -> Any:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.dataset != "folder" and (
-        args.instances or args.masks_dir or args.n_classes is not None
+        args.instances
+        or args.masks_dir
+        or args.n_classes is not None
+        or args.ignore_index is not None
     ):
-        raise UserError("--instances, --masks-dir and --n-classes apply to --dataset folder only")
+        raise UserError(
+            "--instances, --masks-dir, --n-classes and --ignore-index apply to --dataset folder "
+            f"only (got --dataset {args.dataset})"
+        )
     if args.dataset == "coco-stuff-27":
         return ds.coco_stuff_27(
             args.root,

@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 
 from napari_diffcut.core.hierarchy import Hierarchy
 from napari_diffcut.core.image import (
+    NO_CHANNEL_AXIS,
     apply_limits,
     channel_limits,
     grey_or_rgb,
@@ -47,14 +48,17 @@ STRIP_ELEMENTS = 1 << 24
 
 
 def is_multiscale(image: Any) -> bool:
-    """True for a napari-style multiscale list: arrays, largest first, >= 2-D each."""
-    if not isinstance(image, list | tuple) or not image:
+    """True for a napari-style multiscale list: >= 2 arrays, strictly shrinking, >= 2-D each.
+
+    A list of equally sized planes is not multiscale (it is read as a stack).
+    """
+    if not isinstance(image, list | tuple) or len(image) < 2:
         return False
     if not all(hasattr(a, "shape") and len(a.shape) >= 2 for a in image):
         return False
     ndims = {len(a.shape) for a in image}
     sizes = [math.prod(a.shape) for a in image]
-    return len(ndims) == 1 and sizes == sorted(sizes, reverse=True)
+    return len(ndims) == 1 and all(a > b for a, b in zip(sizes, sizes[1:], strict=False))
 
 
 def is_lazy(array: Any) -> bool:
@@ -243,18 +247,20 @@ class ImageSource:
         return to_rgb(raw, normalize=normalize, contrast_limits=contrast_limits)
 
 
-def choose_level(levels: Sequence[Any], working_side: int, channel_axis: Any) -> int:
+def choose_level(levels: Sequence[Any], working_side: int, channel_axis: int | None) -> int:
     """Index of the multiscale level whose plane area is closest to the working size.
 
+    ``channel_axis`` is the resolved channel axis of the levels (None: none).
     Closeness is measured on a log scale (a level twice too large and one
     twice too small are equally far). Only levels with the same stack axes as
     level 0 qualify (pyramids that also shrink Z are read at level 0).
     """
-    base = ImageSource(levels[0], channel_axis)
+    axis: int | str = NO_CHANNEL_AXIS if channel_axis is None else channel_axis
+    base = ImageSource(levels[0], axis)
     target = math.log(float(working_side) ** 2)
     best, best_d = 0, float("inf")
     for i, level in enumerate(levels):
-        src = ImageSource(level, base.channel_axis if base.channel_axis is not None else "none")
+        src = ImageSource(level, axis)
         if src.stack_shape != base.stack_shape:
             continue
         d = abs(math.log(float(math.prod(src.plane_shape))) - target)

@@ -165,10 +165,14 @@ def _contrast_limits(layer: Any, contrast_limits: Any) -> tuple[float, float] | 
 
 
 def update_layer(layer: Any, data: Any, kwargs: dict[str, Any]) -> None:
-    """Write a result tuple into an existing Labels layer (keeps its visibility)."""
-    layer.data = data
-    layer.features = kwargs["features"]
+    """Write a result tuple into an existing Labels layer (keeps its visibility).
+
+    Metadata first: listeners of the data event (the hierarchy editor) must
+    see the new segmentation, not the one the old labels came from.
+    """
     layer.metadata = kwargs["metadata"]
+    layer.features = kwargs["features"]
+    layer.data = data
     for key in ("scale", "translate", "units", "axis_labels"):
         if key in kwargs:
             setattr(layer, key, kwargs[key])

@@ -12,7 +12,7 @@ Layout (``format_version`` 1)::
 
     result.diffcut.zarr/
       zarr.json            group; attributes["napari_diffcut"] = header (below)
-      labels               (H, W) uint32   the current labels, user edits included
+      labels               (H, W) uint32   the saved layer's labels, user edits included
       pixel_leaf           (H, W) int32    deepest tree node of every pixel
       levels               (L, H, W) uint32 every level, coarsest first (for other
                                           tools; recomputed from the tree on load)
@@ -26,8 +26,9 @@ Header keys: ``format`` ("napari-diffcut.result"), ``format_version``,
 ``version`` (package version that saved), ``settings`` (the run record),
 ``threshold`` (the threshold setting: "auto" or a number), ``grid_shape``,
 ``shape``, ``n_levels`` and a ``layer`` dict (source name, scale, translate,
-units, axis labels, plane of an nD source; any may be missing) so that napari
-reopens the layers where they were.
+units, axis labels, plane of an nD source, and the role and level of the layer
+whose labels were saved; any may be missing) so that napari reopens the layers
+where they were.
 
 Label values are tree node ids + 1 (see :mod:`napari_diffcut.core.hierarchy`).
 """
@@ -100,13 +101,15 @@ class SavedResult:
     segmentation : Segmentation
         The rebuilt result (tree, pixel map, settings, threshold setting).
     labels : ndarray of uint32, shape (H, W)
-        The saved main labels, user edits (paint, split, merge) included. Equals
-        ``segmentation.labels`` when nothing was edited.
+        The saved labels, user edits (paint, split, merge) included: those of
+        the main layer, or of the level named in ``layer``. Equals
+        ``segmentation.labels`` when the main labels were saved unedited.
     version : str
         napari-diffcut version that wrote the store.
     layer : dict
         napari placement: "source", "scale", "translate", "units",
-        "axis_labels", "plane" (each optional).
+        "axis_labels", "plane", "role" ("main" or "level") and "level" of the
+        layer saved (each optional).
     """
 
     segmentation: Segmentation
@@ -171,7 +174,8 @@ def save(
         Threshold setting to record. Default: the segmentation's own setting.
     layer : dict, optional
         napari placement to record: "source", "scale", "translate", "units",
-        "axis_labels", "plane" (all optional).
+        "axis_labels", "plane", and "role" ("main" or "level") with "level"
+        saying which result layer ``labels`` come from (all optional).
     overwrite : bool
         Replace an existing napari-diffcut result at ``path``. Other existing
         files or folders are never replaced, whatever this flag says.
@@ -321,6 +325,10 @@ def _layer_placement(layer: dict[str, Any]) -> dict[str, Any]:
             out[key] = [str(a) for a in layer[key]]
     if layer.get("plane") is not None:
         out["plane"] = [None if v is None else int(v) for v in layer["plane"]]
+    if layer.get("role") in ("main", "level"):
+        out["role"] = layer["role"]
+    if layer.get("role") == "level" and layer.get("level") is not None:
+        out["level"] = int(layer["level"])
     return out
 
 
@@ -434,8 +442,12 @@ def _read_header(root: Path) -> dict[str, Any]:
     return header
 
 
-def _check_array_meta(root: Path, name: str) -> None:
-    """Check an array's JSON metadata before zarr decodes anything (no pickles)."""
+def _check_array_meta(root: Path, name: str) -> tuple[int, ...]:
+    """Check an array's JSON metadata before zarr decodes anything (no pickles).
+
+    Returns the array's shape, so the caller can check it against the header
+    before any chunk is decoded (a forged shape must not exhaust memory).
+    """
     if not (root / name / "zarr.json").is_file():
         raise DiffCutError(f"array {name!r} is missing")
     meta = _read_json(root / name / "zarr.json")
@@ -460,6 +472,30 @@ def _check_array_meta(root: Path, name: str) -> None:
             f"array {name!r} uses codecs {unsafe or meta.get('storage_transformers')}; "
             f"only {sorted(SAFE_CODECS)} are opened (no pickles)"
         )
+    shape = meta["shape"]
+    if not all(isinstance(v, int) and v >= 0 for v in shape):
+        raise DiffCutError(f"array {name!r} has a bad shape {shape!r}")
+    return tuple(shape)
+
+
+def _check_shapes(
+    shapes: dict[str, tuple[int, ...]], shape: tuple[int, int], grid: tuple[int, int]
+) -> None:
+    """Array shapes (from their JSON metadata) agree with the header."""
+    n = shapes["tree/parent"][0]
+    want: dict[str, tuple[int, ...]] = {
+        "labels": shape,
+        "pixel_leaf": shape,
+        "tree/cost": (n,),
+        "tree/size": (n,),
+        "tree/depth": (n,),
+        "tree/leaf_of_patch": (grid[0] * grid[1],),
+    }
+    bad = [f"{k} is {shapes[k]}, expected {v}" for k, v in want.items() if shapes[k] != v]
+    if shapes["levels"][1:] != shape:
+        bad.append(f"levels is {shapes['levels']}, expected (L, {shape[0]}, {shape[1]})")
+    if bad:
+        raise DiffCutError("array shapes do not match the header: " + "; ".join(bad))
 
 
 def _read(root: Path) -> SavedResult:
@@ -470,10 +506,13 @@ def _read(root: Path) -> SavedResult:
     from napari_diffcut.engine import Segmentation
 
     header = _read_header(root)
-    for name in _ARRAYS:
-        _check_array_meta(root, name)
-    group = zarr.open_group(str(root), mode="r", zarr_format=3)
-    data = {name: np.array(group[name][...]) for name in _ARRAYS}
+    grid, shape = _shape_pair(header["grid_shape"]), _shape_pair(header["shape"])
+    _check_shapes({name: _check_array_meta(root, name) for name in _ARRAYS}, shape, grid)
+    # use_consolidated=False: zarr would otherwise take every array's metadata
+    # from a copy in the group's zarr.json, bypassing the checks just made.
+    group = zarr.open_group(str(root), mode="r", zarr_format=3, use_consolidated=False)
+    # "levels" is for other tools only: it is recomputed from the tree, never decoded.
+    data = {name: np.array(group[name][...]) for name in _ARRAYS if name != "levels"}
     tree = TreeArrays(
         parent=data["tree/parent"].astype(np.int64),
         cost=data["tree/cost"].astype(np.float64),
@@ -481,7 +520,6 @@ def _read(root: Path) -> SavedResult:
         depth=data["tree/depth"].astype(np.int64),
         leaf_of_patch=data["tree/leaf_of_patch"].astype(np.int64),
     )
-    grid, shape = _shape_pair(header["grid_shape"]), _shape_pair(header["shape"])
     _check_tree(tree, grid)
     pixel_leaf = data["pixel_leaf"].astype(np.int32)
     labels = data["labels"].astype(np.uint32)

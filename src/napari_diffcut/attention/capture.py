@@ -199,9 +199,13 @@ class CaptureAttnProcessor:
         acc = self.sink.accumulator(grid, (n_q, n_k), query.device)
         budget = self.sink.chunk_bytes_for(query.device)
         rows = _block_rows(n_q, budget // max(1, batch * heads * n_k * 4))
-        # Scaling the keys once is cheaper than scaling every score block.
-        keys_t = (key.float() * (1.0 / math.sqrt(head_dim))).transpose(-1, -2)
-        queries = query.float()
+        # q, k, v arrive as strided views of (batch, tokens, heads, dim); one
+        # contiguous copy each keeps every block's matmul on the fast path
+        # (benchmarks/NOTES.md). Scaling the keys once is cheaper than scaling
+        # every score block.
+        keys_t = (key.float() * (1.0 / math.sqrt(head_dim))).transpose(-1, -2).contiguous()
+        queries = query.float().contiguous()
+        value = value.contiguous()
         scores = torch.empty((batch, heads, rows, n_k), dtype=torch.float32, device=query.device)
         outs = []
         inv_maps = 1.0 / (batch * heads)

@@ -29,9 +29,9 @@ from numpy.typing import NDArray
 
 from napari_diffcut.errors import DiffCutError
 from napari_diffcut.evaluation.metrics import IGNORE
+from napari_diffcut.io import IMAGE_SUFFIXES
 
 DATASETS = ("coco-stuff-27", "cityscapes", "folder")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 
 #: Cityscapes label ids 7..33 (27 classes), as in DiffSeg ``cityscapes_data.py``.
@@ -127,7 +127,18 @@ PROTOCOLS = {
 def make_protocol(
     name: str, input_size: int | None = None, score_size: int | None = None
 ) -> Protocol:
-    """A preset from :data:`PROTOCOLS`, optionally with other sizes."""
+    """A preset from :data:`PROTOCOLS`, optionally with other sizes.
+
+    Without ``score_size`` the preset's rule stays: DiffSeg scores at its input
+    size, DiffCut always at 128 (its masks are 128 x 128 whatever ``--img_size``).
+
+    Examples
+    --------
+    >>> make_protocol("diffseg", input_size=256).score_size
+    256
+    >>> make_protocol("diffcut", input_size=512).score_size
+    128
+    """
     if name not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {name!r}")
     base = PROTOCOLS[name]
@@ -144,7 +155,10 @@ def make_protocol(
             f"(got protocol {name!r})"
         )
     new_input = input_size or base.input_size
-    return Protocol(name, base.crop, new_input, score_size or new_input)
+    tied = base.score_size == base.input_size
+    return Protocol(
+        name, base.crop, new_input, score_size or (new_input if tied else base.score_size)
+    )
 
 
 def crop_box(shape: tuple[int, int], crop: str) -> tuple[int, int, int]:
@@ -451,6 +465,28 @@ def cityscapes(root: str | Path, *, split: str = "val", limit: int | None = None
     )
 
 
+def _stem(path: Path) -> str:
+    """``A01.png`` -> ``A01``, ``A01.ome.tif`` -> ``A01``, ``img.001.tif`` -> ``img.001``."""
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return stem[:-4] if stem.lower().endswith(".ome") else stem
+
+
+def _by_stem(paths: list[Path], suffixes: tuple[str, ...], folder: Path) -> dict[str, Path]:
+    """Files of ``suffixes`` by stem; two files with one stem are refused (ambiguous)."""
+    found: dict[str, Path] = {}
+    for p in sorted(paths):
+        if p.suffix.lower() not in suffixes or p.name.startswith("."):
+            continue
+        stem = _stem(p)
+        if stem in found:
+            raise DiffCutError(
+                f"{found[stem].name} and {p.name} in {folder} have the same name {stem!r}; "
+                "keep one of them (each image is scored once, under its name)"
+            )
+        found[stem] = p
+    return found
+
+
 def _folder_pairs(root: Path, masks_dir: str | None) -> tuple[list[Sample], Path]:
     image_dir = root / "images"
     if not image_dir.is_dir():
@@ -462,19 +498,10 @@ def _folder_pairs(root: Path, masks_dir: str | None) -> tuple[list[Sample], Path
             f"folder dataset needs a masks folder: looked for {', '.join(names)} under {root}"
         )
     mask_dir = found[0]
-    masks = {}
-    for p in sorted(mask_dir.iterdir()):
-        if p.suffix.lower() in MASK_SUFFIXES:
-            masks.setdefault(p.name.split(".")[0], p)
-    samples, unmatched = [], []
-    for p in sorted(image_dir.iterdir()):
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        stem = p.name.split(".")[0]
-        if stem in masks:
-            samples.append(Sample(stem, p, masks[stem]))
-        else:
-            unmatched.append(p.name)
+    masks = _by_stem(list(mask_dir.iterdir()), MASK_SUFFIXES, mask_dir)
+    images = _by_stem(list(image_dir.iterdir()), IMAGE_SUFFIXES, image_dir)
+    samples = [Sample(stem, p, masks[stem]) for stem, p in images.items() if stem in masks]
+    unmatched = [p.name for stem, p in images.items() if stem not in masks]
     if unmatched:
         raise DiffCutError(
             f"{len(unmatched)} image(s) in {image_dir} have no mask in {mask_dir} "

@@ -63,9 +63,13 @@ class ImageProgress:
 
 
 def jsonl_path(out: str | os.PathLike[str]) -> Path:
-    """Per-image JSONL beside the results JSON: ``OUT.json`` -> ``OUT.images.jsonl``."""
+    """Per-image JSONL beside the results JSON: ``OUT.json`` -> ``OUT.images.jsonl``.
+
+    Only the last suffix is replaced, so ``run.a.json`` and ``run.b.json`` keep
+    their records apart.
+    """
     p = Path(out)
-    return p.with_name(p.name.split(".")[0] + ".images.jsonl")
+    return p.with_name(p.stem + ".images.jsonl")
 
 
 def score_image(dataset: Dataset, truth: NDArray[Any], pred: NDArray[Any]) -> dict[str, Any]:
@@ -170,6 +174,21 @@ def _predict(predict: Predictor, image: NDArray[Any]) -> tuple[NDArray[Any], dic
     return labels, dict(extra)
 
 
+def _header_config(
+    dataset: Dataset, protocol: Protocol, config: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Everything that must be equal for stored per-image records to be reused."""
+    return {
+        "format": FORMAT,
+        "dataset": dataset.name,
+        "root": str(Path(dataset.root).resolve()),
+        "n_class": dataset.n_class,
+        "instances": dataset.instances,
+        "protocol": protocol.as_dict(),
+        **(config or {}),
+    }
+
+
 def iter_evaluate(
     dataset: Dataset,
     predict: Predictor,
@@ -184,15 +203,7 @@ def iter_evaluate(
     Images already in the JSONL (same configuration) are not run again; they
     are reported at the start (``skipped``) and included in the totals.
     """
-    header_config = {
-        "format": FORMAT,
-        "dataset": dataset.name,
-        "root": str(Path(dataset.root).resolve()),
-        "n_class": dataset.n_class,
-        "instances": dataset.instances,
-        "protocol": protocol.as_dict(),
-        **(config or {}),
-    }
+    header_config = _header_config(dataset, protocol, config)
     path = jsonl_path(out) if out is not None else None
     done: dict[str, dict[str, Any]] = {}
     appender = None
@@ -361,7 +372,7 @@ def evaluate(
     ran = len(records)
     if out is not None:
         # Totals always come from the stored histograms, old and new alike.
-        records = load_records(jsonl_path(out), _header_of(jsonl_path(out)))
+        records = load_records(jsonl_path(out), _header_config(dataset, protocol, config))
     result = summarize(dataset, protocol, records)
     result["images_run"] = ran
     result["images_reused"] = result["n_images"] - ran
@@ -375,8 +386,3 @@ def evaluate(
         result["per_image_results"] = str(jsonl_path(out))
         write_json(out, result)
     return result
-
-
-def _header_of(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as fh:
-        return json.loads(fh.readline())["config"]
