@@ -335,6 +335,9 @@ def test_coco_layout_and_mapping(tmp_path: Path, layout: str) -> None:
     assert [
         s.name for s in ds.coco_stuff_27(tmp_path, image_list=tmp_path / "list.txt").samples
     ] == ids[1:]
+    (tmp_path / "list.txt").write_text(f"{ids[1]}\n{ids[0]}\n{ids[1]}\n")
+    with pytest.raises(DiffCutError, match=f"more than once .first: {ids[1]}"):
+        ds.coco_stuff_27(tmp_path, image_list=tmp_path / "list.txt")
 
 
 def _cityscapes_root(root: Path, n: int) -> None:

@@ -92,8 +92,11 @@ class HierarchyEditor(Container):
             emitter.connect(callback)
         self._on_active_layer()
         self._refresh()
-        # A closed editor must not keep acting on clicks.
-        self.native.destroyed.connect(lambda *_: self.dispose())
+        # A closed editor must not keep acting on clicks. Only our own state and
+        # the layer's callback list are touched here: the viewer may be half
+        # torn down when Qt deletes the widget (the viewer's events hold weak
+        # references to us, and _on_active_layer ignores them once disposed).
+        self.native.destroyed.connect(lambda *_: self._on_destroyed())
 
     def _viewer_connections(self) -> list[tuple[Any, Any]]:
         """(emitter, callback) pairs tying the editor to the viewer."""
@@ -107,9 +110,12 @@ class HierarchyEditor(Container):
         """Stop following the viewer and acting on clicks (the widget was closed)."""
         if self._disposed:
             return
-        self._disposed = True
         for emitter, callback in self._viewer_connections():
             emitter.disconnect(callback)
+        self._on_destroyed()
+
+    def _on_destroyed(self) -> None:
+        self._disposed = True
         self._detach()
         self._tree_cache = None
 

@@ -18,6 +18,7 @@ the labels, and the size at which predictions are scored.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -362,10 +363,17 @@ def _first_dir(root: Path, candidates: tuple[str, ...], split: str, what: str) -
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Image ids, one per line (blank lines ignored)."""
+    """Image ids, one per line (blank lines ignored; a repeated id is refused)."""
     if not path.is_file():
         raise DiffCutError(f"image list not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    repeated = [i for i, n in Counter(ids).items() if n > 1]
+    if repeated:
+        raise DiffCutError(
+            f"image list {path} names {len(repeated)} id(s) more than once (first: "
+            f"{repeated[0]}); each image must be listed once to be scored once"
+        )
+    return ids
 
 
 def coco_stuff_27(
