@@ -103,7 +103,9 @@ def run(
 
     from napari_diffcut.engine import DiffCutEngine, Settings
 
-    settings = {"model": model_dir, "device": device, "dtype": "float32", "power": 1}
+    # fp32 on CPU (the targets' setting); the engine's default (fp16) on CUDA.
+    dtype = "float32" if device == "cpu" else "auto"
+    settings = {"model": model_dir, "device": device, "dtype": dtype, "power": 1}
     image = bench_image(image_path)
     engine = DiffCutEngine()
     t0 = time.perf_counter()
@@ -121,6 +123,7 @@ def run(
     pick = min(runs, key=lambda r: r["total_s"]) if len(runs) > 1 else runs[0]
     record: dict[str, Any] = {
         "device": device,
+        "dtype": dtype,
         "image_shape": list(image.shape),
         "model_load_s": load_s,
         "warmup_total_s": warm["total_s"],

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from napari_diffcut.engine import Segmentation
 
 
 @pytest.fixture
@@ -54,6 +58,35 @@ def two_tone_image() -> np.ndarray:
     yy, xx = np.mgrid[:96, :144]
     img[(yy - 48) ** 2 + (xx - 100) ** 2 < 30**2] = (220, 180, 160)
     return img
+
+
+def _three_region_image() -> np.ndarray:
+    img = np.zeros((40, 56, 3), np.uint8)
+    img[:, 28:] = 200
+    img[4:18, 4:18] = (200, 0, 0)
+    img[24:36, 34:50] = (0, 0, 150)
+    return img
+
+
+@pytest.fixture
+def three_regions() -> np.ndarray:
+    """RGB uint8, 40 x 56: dark left, grey right half, a red and a blue square."""
+    return _three_region_image()
+
+
+@pytest.fixture(scope="module")
+def pixels_seg() -> Segmentation:
+    """A real three-level result of the weight-free backbone on ``three_regions``."""
+    import napari_diffcut
+
+    return napari_diffcut.segment(
+        _three_region_image(),
+        backbone="pixels",
+        working_size=128,
+        min_size=4,
+        max_depth=3,
+        threshold=0.9,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -9,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-import napari_diffcut
 from napari_diffcut._edit_widget import HierarchyEditor
 from napari_diffcut._layers import result_layer_data
 from napari_diffcut.editing import LabelTree
@@ -17,14 +17,9 @@ from napari_diffcut.engine import Segmentation
 
 
 @pytest.fixture(scope="module")
-def seg() -> Segmentation:
-    img = np.zeros((40, 56, 3), np.uint8)
-    img[:, 28:] = 200
-    img[4:18, 4:18] = (200, 0, 0)
-    img[24:36, 34:50] = (0, 0, 150)
-    return napari_diffcut.segment(
-        img, backbone="pixels", working_size=128, min_size=4, max_depth=3, threshold=0.9
-    )
+def seg(pixels_seg: Segmentation) -> Segmentation:
+    """The shared three-level result of the weight-free backbone (conftest)."""
+    return pixels_seg
 
 
 @pytest.fixture
@@ -158,8 +153,12 @@ def test_click_to_split_and_merge(viewer: Any, seg: Segmentation, qtbot: Any) ->
     level2.visible = True  # napari keeps hidden layers in pan/zoom mode
     level2.mode = "paint"
     assert level2.mode == "paint"
-    gen = editor._on_mouse(unwrap(level2), SimpleNamespace(type="mouse_press", position=(y, x)))
-    assert next(gen, None) is None  # the callback ends at once: no edit on release
+    press = SimpleNamespace(type="mouse_press", position=(y, x), pos=np.zeros(2), button=1)
+    gen = editor._on_mouse(unwrap(level2), press)
+    with contextlib.suppress(StopIteration):  # drive a whole click: press, then release
+        next(gen)
+        press.type = "mouse_release"
+        next(gen)
     np.testing.assert_array_equal(level2.data, original)
 
 
@@ -241,7 +240,8 @@ def test_export_button_function(viewer: Any, seg: Segmentation, qtbot: Any, tmp_
 def test_new_data_clears_the_history_and_closing_detaches(
     viewer: Any, seg: Segmentation, qtbot: Any
 ) -> None:
-    level1 = add_result(viewer, seg)[1]
+    layers = add_result(viewer, seg)
+    level1 = layers[1]
     activate(viewer, level1)
     editor = HierarchyEditor(viewer)
     qtbot.addWidget(editor.native)
@@ -251,6 +251,19 @@ def test_new_data_clears_the_history_and_closing_detaches(
     level1.data = original.copy()  # e.g. the plugin re-ran the model
     assert not editor.history().can_undo and not editor.undo_button.enabled
     assert editor._on_mouse in unwrap(level1).mouse_drag_callbacks
-    editor.native.destroyed.emit()  # what Qt sends when the dock widget is deleted
+    editor.dispose()  # what closing the DiffCut widget does
     assert editor._on_mouse not in unwrap(level1).mouse_drag_callbacks
-    assert editor.layer is None
+    assert editor.layer is None and not editor.split_button.enabled
+    activate(viewer, layers[0])
+    activate(viewer, level1)  # a closed editor does not follow the viewer any more
+    assert editor.layer is None and editor._on_mouse not in unwrap(level1).mouse_drag_callbacks
+
+
+def test_undocking_a_standalone_editor_disposes_it(viewer: Any, seg: Segmentation) -> None:
+    main = add_result(viewer, seg)[0]
+    activate(viewer, main)
+    editor = HierarchyEditor(viewer)
+    viewer.window.add_dock_widget(editor, name="editor")
+    assert editor.layer is unwrap(main)
+    viewer.window.remove_dock_widget(editor.native)
+    assert editor.layer is None and editor._on_mouse not in unwrap(main).mouse_drag_callbacks

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import napari_diffcut
 from napari_diffcut.editing import Edit, EditHistory, LabelTree, merge, split
 from napari_diffcut.engine import Segmentation
 from napari_diffcut.errors import DiffCutError
@@ -43,15 +42,9 @@ def level(pixel_leaf: np.ndarray, lut: list[int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def seg() -> Segmentation:
-    """A real three-level result of the weight-free backbone."""
-    img = np.zeros((48, 64, 3), np.uint8)
-    img[:, 32:] = 200
-    img[5:20, 5:20] = (200, 0, 0)
-    img[30:45, 40:60] = (0, 0, 150)
-    return napari_diffcut.segment(
-        img, backbone="pixels", working_size=128, min_size=4, max_depth=3, threshold=0.9
-    )
+def seg(pixels_seg: Segmentation) -> Segmentation:
+    """The shared three-level result of the weight-free backbone (conftest)."""
+    return pixels_seg
 
 
 def test_split_gives_children_by_pixel_leaf(tree: LabelTree, pixel_leaf: np.ndarray) -> None:
@@ -229,6 +222,14 @@ def test_history_is_bounded(tree: LabelTree, pixel_leaf: np.ndarray) -> None:
     assert len(history._undo) == 2
     with pytest.raises(ValueError, match="max_steps"):
         EditHistory(max_steps=0)
+    # Memory bound: big records push the oldest out; the last one is always kept.
+    first = tree.split_edit(labels, 1)
+    small = EditHistory(max_bytes=first.nbytes + 1)
+    labels = small.apply(labels, first)
+    labels = small.apply(labels, tree.merge_edit(labels, 2))
+    assert len(small._undo) == 1 and small.peek_undo() == "merge 2 into 1"
+    with pytest.raises(ValueError, match="max_bytes"):
+        EditHistory(max_bytes=0)
 
 
 def test_edit_unravel_and_inverse() -> None:

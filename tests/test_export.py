@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import tifffile
 
-import napari_diffcut
 from napari_diffcut.engine import Segmentation
 from napari_diffcut.errors import DiffCutError
 from napari_diffcut.export import (
@@ -24,13 +23,9 @@ from napari_diffcut.export import (
 
 
 @pytest.fixture(scope="module")
-def seg() -> Segmentation:
-    img = np.zeros((40, 56, 3), np.uint8)
-    img[:, 28:] = 200
-    img[4:18, 4:18] = (200, 0, 0)
-    return napari_diffcut.segment(
-        img, backbone="pixels", working_size=128, min_size=4, max_depth=3, threshold=0.9
-    )
+def seg(pixels_seg: Segmentation) -> Segmentation:
+    """The shared three-level result of the weight-free backbone (conftest)."""
+    return pixels_seg
 
 
 def test_area_and_centroid_by_hand() -> None:

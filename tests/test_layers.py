@@ -28,15 +28,9 @@ from napari_diffcut.engine import Segmentation
 
 
 @pytest.fixture(scope="module")
-def seg() -> Segmentation:
-    """A real multi-level result of the weight-free backbone (fast: small working size)."""
-    img = np.zeros((48, 64, 3), np.uint8)
-    img[:, 32:] = 200
-    img[5:20, 5:20] = (200, 0, 0)
-    img[30:45, 40:60] = (0, 0, 150)
-    return napari_diffcut.segment(
-        img, backbone="pixels", working_size=128, min_size=4, max_depth=3, threshold=0.9
-    )
+def seg(pixels_seg: Segmentation) -> Segmentation:
+    """The shared three-level result of the weight-free backbone (conftest)."""
+    return pixels_seg
 
 
 def existing_from(tuples: list, **overrides: object) -> list[ExistingLayer]:

@@ -23,6 +23,33 @@ def test_installed_manifest_is_the_top_level_file() -> None:
     assert shipped.read_bytes() == TOP_LEVEL.read_bytes()
 
 
+def test_the_wheel_ships_the_top_level_manifest(tmp_path: Path) -> None:
+    """Build a wheel from the working tree: it holds napari.yaml and the entry point."""
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "napari.yaml"):
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, tree / name)
+    shutil.copytree(
+        ROOT / "src", tree / "src", symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    out = tmp_path / "wheel"
+    cmd = [sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation"]
+    built = subprocess.run(
+        [*cmd, "-w", str(out), "-q"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    [wheel] = out.glob("napari_diffcut-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("napari_diffcut/napari.yaml") == TOP_LEVEL.read_bytes()
+        [eps] = [n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        text = zf.read(eps).decode()
+    assert "[napari.manifest]" in text and "napari-diffcut = napari_diffcut:napari.yaml" in text
+
+
 def test_entry_point_points_at_the_package_manifest() -> None:
     eps = metadata.entry_points(group="napari.manifest")
     [ep] = [ep for ep in eps if ep.name == "napari-diffcut"]

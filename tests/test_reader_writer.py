@@ -21,14 +21,9 @@ from napari_diffcut.errors import DiffCutError
 
 
 @pytest.fixture(scope="module")
-def seg() -> Segmentation:
-    img = np.zeros((40, 56, 3), np.uint8)
-    img[:, 28:] = 200
-    img[4:18, 4:18] = (200, 0, 0)
-    img[24:36, 34:50] = (0, 0, 150)
-    return napari_diffcut.segment(
-        img, backbone="pixels", working_size=128, min_size=4, max_depth=3, threshold=0.9
-    )
+def seg(pixels_seg: Segmentation) -> Segmentation:
+    """The shared three-level result of the weight-free backbone (conftest)."""
+    return pixels_seg
 
 
 def plugin_layers(seg: Segmentation, source: str = "cells") -> list[tuple[Any, dict, str]]:
@@ -204,6 +199,11 @@ def test_napari_opens_and_saves_through_the_manifest(seg: Segmentation, tmp_path
     back = store.read_result(out[0])
     assert np.all(back.labels[:2, :2] == 77)
     assert_same_tree(back.segmentation, seg)
+    # Plain label TIFFs for other tools: napari's own writer still takes our layers.
+    import tifffile
+
+    [tif] = viewer.layers.save(str(tmp_path / "plain.tif"), selected=True)
+    np.testing.assert_array_equal(tifffile.imread(tif), main.data)
 
 
 def assert_same_tree(a: Segmentation, b: Segmentation) -> None:

@@ -15,24 +15,10 @@ from napari_diffcut.engine import Segmentation
 from napari_diffcut.errors import DiffCutError
 
 
-def make_image() -> np.ndarray:
-    img = np.zeros((40, 56, 3), np.uint8)
-    img[:, 28:] = 200
-    img[4:18, 4:18] = (200, 0, 0)
-    img[24:36, 34:50] = (0, 0, 150)
-    return img
-
-
 @pytest.fixture(scope="module")
-def seg() -> Segmentation:
-    return napari_diffcut.segment(
-        make_image(),
-        backbone="pixels",
-        working_size=128,
-        min_size=4,
-        max_depth=3,
-        threshold=0.9,
-    )
+def seg(pixels_seg: Segmentation) -> Segmentation:
+    """The shared three-level result of the weight-free backbone (conftest)."""
+    return pixels_seg
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +59,10 @@ def test_round_trip_is_identical(seg: Segmentation, saved: Path) -> None:
     assert len(seg.levels) == 3  # a real hierarchy, not a single level
 
 
-def test_round_trip_of_a_diffusion_result(tiny_model: Path, tmp_path: Path) -> None:
-    seg = napari_diffcut.segment(make_image(), model=str(tiny_model), min_size=2, device="cpu")
+def test_round_trip_of_a_diffusion_result(
+    tiny_model: Path, tmp_path: Path, three_regions: np.ndarray
+) -> None:
+    seg = napari_diffcut.segment(three_regions, model=str(tiny_model), min_size=2, device="cpu")
     assert seg.settings["backbone"] == "diffusion"
     back = napari_diffcut.load(seg.save(tmp_path / "sd"))
     assert_same(seg, back)

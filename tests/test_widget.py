@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -96,12 +97,28 @@ def wait_done(qtbot: Any, widget: DiffCutWidget) -> None:
     qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
 
 
+def start_paused_run(
+    docked: tuple[Any, DiffCutWidget], qtbot: Any, model: Path, gated_run: dict[str, Any]
+) -> None:
+    """Run the tiny model on the smear sample; return once it is paused mid-run.
+
+    It pauses inside the engine right after the first ("load") event, before
+    the model is loaded, until ``gated_run["gate"]`` is set.
+    """
+    viewer, widget = docked
+    viewer.open_sample("napari-diffcut", "blood_smear")
+    widget.model_edit.value = str(model)
+    widget.run_button.clicked()
+    qtbot.waitUntil(gated_run["first"].is_set, timeout=RUN_TIMEOUT_MS)
+
+
 def test_run_with_tiny_model_recut_rerun_and_close(
     docked: tuple[Any, DiffCutWidget],
     qtbot: Any,
     tiny_model: Path,
     engine_runs: list[dict[str, Any]],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     viewer, widget = docked
     loads: list[str] = []
@@ -169,6 +186,15 @@ def test_run_with_tiny_model_recut_rerun_and_close(
     assert len(engine_runs) == 2 and loads == [str(tiny_model)]
     assert widget.engine.loaded
 
+    # Choosing another model loads that one.
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other)
+    widget.model_edit.value = str(other)
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    assert loads == [str(tiny_model), str(other)]
+    assert main.metadata[LAYER_KEY]["settings"]["model"] == str(other)
+
     # Closing the widget frees the model.
     viewer.window.remove_dock_widget(widget.native)
     assert not widget.engine.loaded
@@ -218,10 +244,7 @@ def test_cancel_mid_run_leaves_no_layer(
     docked: tuple[Any, DiffCutWidget], qtbot: Any, tiny_model: Path, gated_run: dict[str, Any]
 ) -> None:
     viewer, widget = docked
-    viewer.open_sample("napari-diffcut", "blood_smear")
-    widget.model_edit.value = str(tiny_model)
-    widget.run_button.clicked()
-    qtbot.waitUntil(gated_run["first"].is_set, timeout=RUN_TIMEOUT_MS)
+    start_paused_run(docked, qtbot, tiny_model, gated_run)
     widget.cancel()  # the run is paused inside the engine: it is mid-run
     gated_run["gate"].set()
     wait_done(qtbot, widget)
@@ -232,6 +255,18 @@ def test_cancel_mid_run_leaves_no_layer(
     # The engine generator was closed at once, in the worker thread (its arrays freed).
     assert gated_run["closed_in"] is not None
     assert gated_run["closed_in"] is not threading.main_thread()
+
+
+def test_closing_mid_run_frees_the_model_loaded_after_close(
+    docked: tuple[Any, DiffCutWidget], qtbot: Any, tiny_model: Path, gated_run: dict[str, Any]
+) -> None:
+    viewer, widget = docked
+    start_paused_run(docked, qtbot, tiny_model, gated_run)  # the model is not loaded yet
+    viewer.window.remove_dock_widget(widget.native)
+    gated_run["gate"].set()  # the run goes on to load the model, then sees the stop
+    wait_done(qtbot, widget)
+    assert not widget.engine.loaded
+    assert result_layers(viewer) == []
 
 
 def test_gui_stays_responsive_during_a_run(
@@ -296,6 +331,29 @@ def test_missing_model_notifies_and_adds_nothing(
     assert widget.run_button.enabled and not widget.cancel_button.enabled
     assert "failed" in widget.status_label.value
     assert widget.progress_bar.value == 0  # a full bar would say "done"
+
+
+def test_failure_while_adding_layers_is_reported(
+    docked: tuple[Any, DiffCutWidget],
+    qtbot: Any,
+    notifications: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import napari_diffcut._widget as widget_mod
+
+    def no_memory(*_args: Any) -> Any:
+        raise MemoryError("no room for the levels")
+
+    monkeypatch.setattr(widget_mod, "apply_result_layers", no_memory)
+    viewer, widget = docked
+    viewer.add_image(np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1)), name="ramp")
+    widget.backbone_combo.value = "pixels"
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    errors = [n for n in notifications if n.severity == NotificationSeverity.ERROR]
+    assert errors and "no room for the levels" in errors[-1].message
+    assert "failed" in widget.status_label.value and widget.progress_bar.value == 0
+    assert widget.run_button.enabled and result_layers(viewer) == []
 
 
 def test_bad_settings_show_an_error_and_do_not_start(

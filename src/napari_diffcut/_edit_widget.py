@@ -16,6 +16,10 @@ reopened ``*.diffcut.zarr``):
   in the layer's metadata, next to the tree, under ``"edit_history"``.
 - **Export...** asks for a folder and writes the layer's labels as a uint32
   TIFF plus a per-label CSV table (:func:`napari_diffcut.export.export_labels`).
+
+After every edit the layer's ``features`` are recomputed (one row per label).
+:meth:`HierarchyEditor.dispose` (called when the DiffCut widget is closed, or
+when a standalone editor is un-docked) unhooks it from the viewer and layer.
 """
 
 from typing import Any
@@ -92,11 +96,18 @@ class HierarchyEditor(Container):
             emitter.connect(callback)
         self._on_active_layer()
         self._refresh()
-        # A closed editor must not keep acting on clicks. Only our own state and
-        # the layer's callback list are touched here: the viewer may be half
-        # torn down when Qt deletes the widget (the viewer's events hold weak
-        # references to us, and _on_active_layer ignores them once disposed).
-        self.native.destroyed.connect(lambda *_: self._on_destroyed())
+        # A closed editor must not keep acting on clicks. No slot on the Qt
+        # ``destroyed`` signal: PyQt crashes when it calls a Python slot while
+        # a Python-owned widget is being garbage-collected. The DiffCut widget
+        # calls dispose() when it is closed; docked alone, un-docking does.
+        self._docked = False
+        self.native_parent_changed.connect(self._on_parent_changed)
+
+    def _on_parent_changed(self, parent: Any) -> None:
+        if parent is not None:
+            self._docked = True
+        elif self._docked:  # napari's remove_dock_widget un-parents the widget
+            self.dispose()
 
     def _viewer_connections(self) -> list[tuple[Any, Any]]:
         """(emitter, callback) pairs tying the editor to the viewer."""
@@ -110,14 +121,12 @@ class HierarchyEditor(Container):
         """Stop following the viewer and acting on clicks (the widget was closed)."""
         if self._disposed:
             return
+        self._disposed = True
         for emitter, callback in self._viewer_connections():
             emitter.disconnect(callback)
-        self._on_destroyed()
-
-    def _on_destroyed(self) -> None:
-        self._disposed = True
         self._detach()
         self._tree_cache = None
+        self._refresh()
 
     # -- the layer we act on -------------------------------------------------------
     @property

@@ -192,8 +192,9 @@ def layer_metadata(
         ``{"napari_diffcut": {...}}`` with keys ``settings`` (JSON-serialisable
         run record, its ``threshold`` set to the threshold shown), ``version``
         (this package's, or ``version`` if given: the one that saved a
-        reopened result), ``role`` ("main" or "level"), ``level`` (int, or None for main),
-        ``source`` (source layer name), ``threshold`` (float in force),
+        reopened result), ``role`` ("main" or "level"), ``level`` (int, or
+        None for main), ``source`` (source layer name), ``threshold`` (float
+        in force),
         ``plane`` (for a plane of an nD layer: the index of every non-plane
         axis, None for the two plane axes; None for a 2-D layer) and
         ``segmentation`` (the live Segmentation object).
@@ -245,8 +246,9 @@ def result_layer_data(
         Non-plane indices when the source has more than two dimensions.
     labels : array of int, shape (H, W), optional
         Labels to show instead of the computed ones in the layer of
-        ``labels_level`` (a reopened result with the user's edits). That
-        layer is the visible one and the others are hidden.
+        ``labels_level`` (a reopened result with the user's edits), used as
+        they are (not copied). That layer is the visible one and the others
+        are hidden.
     labels_level : int, optional
         Level (1 = coarsest) whose layer gets ``labels``; None: the main layer.
     version : str, optional
@@ -255,7 +257,8 @@ def result_layer_data(
     Returns
     -------
     list of (data, kwargs, "labels")
-        The main layer (visible) and one hidden layer per level.
+        The main layer (visible unless ``labels_level`` is given) and one
+        hidden layer per level.
 
     Raises
     ------
@@ -270,8 +273,7 @@ def result_layer_data(
         labels = np.asarray(labels)
         if labels.shape != tuple(seg.shape):
             raise ValueError(
-                f"labels must have the segmentation's shape {tuple(seg.shape)}, "
-                f"got {labels.shape}"
+                f"labels must have the segmentation's shape {tuple(seg.shape)}, got {labels.shape}"
             )
         if labels_level is not None and not 1 <= labels_level <= n_levels:
             raise ValueError(

@@ -64,9 +64,7 @@ def read_layers(path: PathOrPaths) -> list[LayerData]:
     return layers[1:] + layers[:1]
 
 
-def saved_layer_data(
-    result: SavedResult, *, default_source: str = "image"
-) -> list[LayerData]:
+def saved_layer_data(result: SavedResult, *, default_source: str = "image") -> list[LayerData]:
     """The plugin's layers for a saved result (:func:`_layers.result_layer_data`).
 
     Parameters

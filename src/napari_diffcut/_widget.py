@@ -527,7 +527,13 @@ class DiffCutWidget(Container):
     def _on_returned(self, seg: Segmentation, taken: LayerImage) -> None:
         if self._disposed:
             return
-        layers, _ = apply_result_layers(self._viewer, result_tuples(seg, taken))
+        try:
+            layers, _ = apply_result_layers(self._viewer, result_tuples(seg, taken))
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: say so, stay usable
+            logger.error("DiffCut could not add the result layers", exc_info=exc)
+            show_error(f"DiffCut: could not add the result layers: {type(exc).__name__}: {exc}")
+            self.status_label.value = "failed (see notification)"
+            return
         self._succeeded = True
         self.status_label.value = f"done: {len(layers) - 1} level(s)"
         if self.image_combo.value is not None and self.image_combo.value.name == taken.source:
@@ -552,6 +558,9 @@ class DiffCutWidget(Container):
 
     def _on_finished(self) -> None:
         self.worker = None
+        if self._disposed:
+            # Closed mid-run: the run may have loaded the model after dispose().
+            self.engine.unload()
         gc.collect()  # free the run's arrays (attention, affinity) now
         if self._disposed:
             return

@@ -3,8 +3,9 @@
 The layer's ``metadata["napari_diffcut"]["segmentation"]`` gives the tree,
 levels and settings; the layer's current ``data`` is saved as the labels, so
 paint, split and merge edits survive a save and reopen, and its role (main
-layer or level N) is recorded so the reader puts them back in that layer. Plain label TIFFs stay
-available through napari's own writer for layers of any kind.
+layer or level N) is recorded so the reader puts them back in that layer.
+Plain label TIFFs stay available through napari's own writer for layers of
+any kind.
 """
 
 from __future__ import annotations

@@ -67,6 +67,11 @@ class Edit:
         """Number of pixels the edit changes."""
         return int(self.indices.size)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the record."""
+        return int(self.indices.nbytes + self.old.nbytes + self.new.nbytes)
+
     def apply(self, labels: NDArray[Any]) -> NDArray[Any]:
         """A copy of ``labels`` with the edit applied."""
         labels = np.asarray(labels)
@@ -315,6 +320,10 @@ class EditHistory:
     ----------
     max_steps : int
         Oldest edits are dropped beyond this many.
+    max_bytes : int
+        Oldest edits are also dropped while the records hold more memory
+        than this (a split of a large region records every pixel); the last
+        edit is always kept.
 
     Examples
     --------
@@ -328,10 +337,12 @@ class EditHistory:
     array([[1, 1]], dtype=uint32)
     """
 
-    def __init__(self, max_steps: int = 100) -> None:
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+    def __init__(self, max_steps: int = 100, max_bytes: int = 512 * 2**20) -> None:
+        for name, value in (("max_steps", max_steps), ("max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.max_steps = max_steps
+        self.max_bytes = max_bytes
         self._undo: list[Edit] = []
         self._redo: list[Edit] = []
 
@@ -355,6 +366,8 @@ class EditHistory:
             return
         self._undo.append(edit)
         del self._undo[: -self.max_steps]
+        while len(self._undo) > 1 and sum(e.nbytes for e in self._undo) > self.max_bytes:
+            del self._undo[0]
         self._redo.clear()
 
     def apply(self, labels: NDArray[Any], edit: Edit) -> NDArray[Any]:

@@ -202,9 +202,7 @@ def save(
     header = _header(seg, threshold, layer)
     _check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_group(tmp, seg, edited, header)
         _replace_dir(tmp, target)
@@ -250,9 +248,7 @@ def read_result(path: str | os.PathLike[str]) -> SavedResult:
     try:
         return _read(p)
     except DiffCutError as exc:
-        raise DiffCutError(
-            f"cannot open {p} as a napari-diffcut result: {exc}"
-        ) from None
+        raise DiffCutError(f"cannot open {p} as a napari-diffcut result: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of a foreign file is a file problem
         raise DiffCutError(
             f"cannot open {p} as a napari-diffcut result (damaged store?): "
@@ -272,9 +268,7 @@ def _check_labels(labels: Any, shape: tuple[int, int]) -> NDArray[np.uint32]:
             f"got {arr.dtype} of shape {arr.shape}"
         )
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > np.iinfo(np.uint32).max):
-        raise ValueError(
-            f"labels must lie in [0, 2**32 - 1], got range [{arr.min()}, {arr.max()}]"
-        )
+        raise ValueError(f"labels must lie in [0, 2**32 - 1], got range [{arr.min()}, {arr.max()}]")
     return arr.astype(np.uint32, copy=False)
 
 
@@ -284,11 +278,7 @@ def _header(
     """JSON header of the store (validated to be strict JSON)."""
     from napari_diffcut import __version__
 
-    setting = (
-        seg.hierarchy.threshold_setting
-        if threshold is None
-        else check_threshold(threshold)
-    )
+    setting = seg.hierarchy.threshold_setting if threshold is None else check_threshold(threshold)
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -365,9 +355,7 @@ def _write_group(
     }
     sub = group.create_group("tree")
     for name, data in arrays.items():
-        where, key = (
-            (sub, name.split("/")[1]) if name.startswith("tree/") else (group, name)
-        )
+        where, key = (sub, name.split("/")[1]) if name.startswith("tree/") else (group, name)
         where.create_array(
             key,
             data=data,
@@ -453,19 +441,11 @@ def _check_array_meta(root: Path, name: str) -> tuple[int, ...]:
     meta = _read_json(root / name / "zarr.json")
     kind, ndim = _ARRAYS[name]
     dtype = meta.get("data_type")
-    if (
-        meta.get("node_type") != "array"
-        or not isinstance(dtype, str)
-        or dtype not in _NUMERIC
-    ):
-        raise DiffCutError(
-            f"array {name!r} has data type {dtype!r}; expected a numeric type"
-        )
+    if meta.get("node_type") != "array" or not isinstance(dtype, str) or dtype not in _NUMERIC:
+        raise DiffCutError(f"array {name!r} has data type {dtype!r}; expected a numeric type")
     if np.dtype(dtype).kind != kind or len(meta.get("shape", ())) != ndim:
         raise DiffCutError(f"array {name!r} is {dtype} with shape {meta.get('shape')}")
-    codecs = [
-        c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs", [])
-    ]
+    codecs = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs", [])]
     unsafe = [c for c in codecs if c not in SAFE_CODECS]
     if unsafe or meta.get("storage_transformers"):
         raise DiffCutError(
@@ -525,8 +505,7 @@ def _read(root: Path) -> SavedResult:
     labels = data["labels"].astype(np.uint32)
     if pixel_leaf.shape != shape or labels.shape != shape:
         raise DiffCutError(
-            f"pixel_leaf {pixel_leaf.shape} and labels {labels.shape} "
-            f"must both be {shape}"
+            f"pixel_leaf {pixel_leaf.shape} and labels {labels.shape} must both be {shape}"
         )
     if pixel_leaf.size and (pixel_leaf.min() < 0 or pixel_leaf.max() >= tree.n_nodes):
         raise DiffCutError(f"pixel_leaf refers to nodes outside 0..{tree.n_nodes - 1}")
@@ -543,9 +522,7 @@ def _read(root: Path) -> SavedResult:
 def _shape_pair(value: list[Any]) -> tuple[int, int]:
     """A (rows, cols) pair of positive ints from the header."""
     if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
-        raise DiffCutError(
-            f"bad shape {value!r} in header; expected two positive integers"
-        )
+        raise DiffCutError(f"bad shape {value!r} in header; expected two positive integers")
     return (value[0], value[1])
 
 
@@ -553,28 +530,17 @@ def _check_tree(tree: TreeArrays, grid: tuple[int, int]) -> None:
     """The tree arrays describe one breadth-first tree on ``grid`` patches."""
     n = tree.n_nodes
     if n < 1 or any(a.shape != (n,) for a in (tree.cost, tree.size, tree.depth)):
-        raise DiffCutError(
-            f"tree arrays must all have the same length >= 1, got {n} parents"
-        )
+        raise DiffCutError(f"tree arrays must all have the same length >= 1, got {n} parents")
     parent, depth = tree.parent, tree.depth
     ids = np.arange(n)
     # Breadth-first ids: the root is 0 and every parent precedes its child.
-    if (
-        parent[0] != -1
-        or depth[0] != 0
-        or np.any(parent[1:] < 0)
-        or np.any(parent[1:] >= ids[1:])
-    ):
-        raise DiffCutError(
-            "tree/parent is not a breadth-first tree (root 0, parent < child)"
-        )
+    if parent[0] != -1 or depth[0] != 0 or np.any(parent[1:] < 0) or np.any(parent[1:] >= ids[1:]):
+        raise DiffCutError("tree/parent is not a breadth-first tree (root 0, parent < child)")
     if np.any(depth[1:] != depth[parent[1:]] + 1):
         raise DiffCutError("tree/depth does not match tree/parent")
     if tree.leaf_of_patch.size != grid[0] * grid[1]:
         raise DiffCutError(
             f"tree/leaf_of_patch has {tree.leaf_of_patch.size} patches, grid is {grid}"
         )
-    if tree.leaf_of_patch.size and (
-        tree.leaf_of_patch.min() < 0 or tree.leaf_of_patch.max() >= n
-    ):
+    if tree.leaf_of_patch.size and (tree.leaf_of_patch.min() < 0 or tree.leaf_of_patch.max() >= n):
         raise DiffCutError(f"tree/leaf_of_patch refers to nodes outside 0..{n - 1}")
