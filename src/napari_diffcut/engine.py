@@ -551,7 +551,7 @@ def segment_rgb(
         )
     record["grid"] = list(grid)
     yield Progress("walk", 1, 1, f"power {s.power}, {s.graph} graph")
-    affinity, walk = build_affinity(transition, power=s.power, graph=s.graph)
+    affinity, walk = build_affinity(transition, power=s.power, graph=s.graph, dtype=np.float32)
     del transition
     tree = yield from _cut(affinity, s)
     del affinity

@@ -54,8 +54,14 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``"auto"``: float16 on CUDA, float32 elsewhere; or "float16"/"bfloat16"/"float32"."""
-    table = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    table = {
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in table:
@@ -108,7 +114,7 @@ def _not_found(model: str, exc: BaseException) -> DiffCutError:
     """One clear message: which model, where it was looked for, how to get it."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = hub_offline()
     local = Path(model).expanduser()
     if local.exists():
         where = (
@@ -122,12 +128,14 @@ def _not_found(model: str, exc: BaseException) -> DiffCutError:
     else:
         where = (
             f"a local folder {local.resolve()} (not found) and the Hugging Face cache "
-            f"{HF_HUB_CACHE}" + (" (HF_HUB_OFFLINE is set, so nothing was downloaded)" if offline else "")
+            f"{HF_HUB_CACHE}"
+            + (" (HF_HUB_OFFLINE is set, so nothing was downloaded)" if offline else "")
         )
         how = (
             "Run once with internet access (it is downloaded to the Hugging Face cache and reused "
-            f"offline), or download it elsewhere with `huggingface-cli download {model} --local-dir "
-            "DIR`, copy DIR here and pass it as model=DIR (--model DIR)."
+            "offline), or download it elsewhere with "
+            f"`huggingface-cli download {model} --local-dir DIR`, copy DIR here and pass "
+            "it as model=DIR (--model DIR)."
         )
     detail = str(exc).splitlines()[0] if str(exc) else ""
     return DiffCutError(
@@ -142,6 +150,11 @@ def _no_safetensors(model: str) -> DiffCutError:
         "can run arbitrary code when loaded. Convert it to safetensors, or pass "
         "allow_pickle=True (--allow-pickle) if you trust its source."
     )
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set now (huggingface_hub reads it only at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def _load(cls: Any, model: str, subfolder: str, **kwargs: Any) -> Any:
@@ -173,11 +186,18 @@ def empty_prompt_embedding(
     from transformers import AutoTokenizer, CLIPTextModel
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer", revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model, subfolder="tokenizer", revision=revision, local_files_only=hub_offline()
+        )
     except (OSError, ValueError) as exc:
         raise _not_found(model, exc) from exc
     encoder = _load(
-        CLIPTextModel, model, "text_encoder", revision=revision, use_safetensors=use_safetensors
+        CLIPTextModel,
+        model,
+        "text_encoder",
+        revision=revision,
+        use_safetensors=use_safetensors,
+        local_files_only=hub_offline(),
     )
     ids = tokenizer(
         [""],
@@ -234,11 +254,17 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     safe: bool | None = None if allow_pickle else True
-    common: dict[str, Any] = {"revision": revision, "use_safetensors": safe}
+    common: dict[str, Any] = {
+        "revision": revision,
+        "use_safetensors": safe,
+        "local_files_only": hub_offline(),
+    }
     unet = _load(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **common)
     vae = _load(AutoencoderKL, model, "vae", torch_dtype=torch.float32, **common)
     try:
-        scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
+        scheduler = DDIMScheduler.from_pretrained(
+            model, subfolder="scheduler", revision=revision, local_files_only=hub_offline()
+        )
     except (OSError, ValueError) as exc:
         raise _not_found(model, exc) from exc
     emb = empty_prompt_embedding(
