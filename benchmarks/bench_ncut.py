@@ -1,7 +1,7 @@
 """The NCut tree against a dense DiffCut-style baseline and two library peers.
 
 Input: a 4096-node attention-like graph on a 64 x 64 patch grid, the same
-construction as ``planted_transition`` in tests/conftest.py: softmax rows of
+construction as ``napari_diffcut.testing.planted_transition``: softmax rows of
 spatial locality (``-d^2 / 50``) + planted regions (``+3`` inside a region) +
 Gaussian noise (std 1), regions = 7 Voronoi cells of seeded random points.
 Not a block matrix: every row is dense, local and noisy. The random-walk graph
@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from bench_common import load_average, repeat, time_call
 
+from napari_diffcut.testing import planted_transition
+
 GRID = (64, 64)
 N_REGIONS = 7
 MIN_SIZE = 16
@@ -55,30 +57,6 @@ def planted_regions(
     yy, xx = np.mgrid[:h, :w]
     d2 = (yy[..., None] - centres[:, 0]) ** 2 + (xx[..., None] - centres[:, 1]) ** 2
     return d2.argmin(-1)
-
-
-def planted_transition(
-    grid: tuple[int, int],
-    regions: np.ndarray,
-    *,
-    locality: float = 50.0,
-    strength: float = 3.0,
-    noise: float = 1.0,
-    seed: int = 0,
-) -> np.ndarray:
-    """Attention-like row-stochastic matrix (tests/conftest.py's construction)."""
-    h, w = grid
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    pos = np.stack([yy.ravel(), xx.ravel()], 1).astype(np.float32)
-    sq = (pos * pos).sum(1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * pos @ pos.T, 0)
-    same = regions.ravel()[:, None] == regions.ravel()[None]
-    logits = -d2 / locality + strength * same + rng.normal(0, noise, d2.shape).astype(np.float32)
-    logits -= logits.max(1, keepdims=True)
-    np.exp(logits, out=logits)
-    logits /= logits.sum(1, keepdims=True)
-    return logits.astype(np.float32)
 
 
 def ari(truth: np.ndarray, labels: np.ndarray) -> float:

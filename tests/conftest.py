@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
+from napari_diffcut.testing import planted_transition  # noqa: F401 - used by tests
+
 if TYPE_CHECKING:
     from napari_diffcut.engine import Segmentation
 
@@ -15,27 +17,6 @@ if TYPE_CHECKING:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
-
-
-def planted_transition(
-    grid: tuple[int, int],
-    regions: np.ndarray,
-    *,
-    locality: float = 50.0,
-    strength: float = 3.0,
-    noise: float = 1.0,
-    seed: int = 0,
-) -> np.ndarray:
-    """Attention-like row-stochastic matrix: spatially local + planted regions + noise."""
-    h, w = grid
-    r = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    pos = np.stack([yy.ravel(), xx.ravel()], 1).astype(np.float32)
-    d2 = ((pos[:, None] - pos[None]) ** 2).sum(-1)
-    same = regions.ravel()[:, None] == regions.ravel()[None]
-    logits = -d2 / locality + strength * same + r.normal(0, noise, d2.shape)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    return (p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 CONFIGS = ("tiny", "tiny-sd2", "sd15")
 
 
@@ -168,3 +170,31 @@ def make_random_model(path: str | Path, config: str = "tiny", *, seed: int = 0) 
         )
     )
     return out
+
+
+def planted_transition(
+    grid: tuple[int, int],
+    regions: np.ndarray,
+    *,
+    locality: float = 50.0,
+    strength: float = 3.0,
+    noise: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """Attention-like row-stochastic matrix for tests and benchmarks.
+
+    Softmax rows of ``-d^2 / locality + strength * [same region] + noise``: spatially
+    local attention plus planted regions plus Gaussian noise (not an easy block matrix).
+    """
+    h, w = grid
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    pos = np.stack([yy.ravel(), xx.ravel()], 1).astype(np.float32)
+    sq = (pos * pos).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * pos @ pos.T, 0)
+    same = regions.ravel()[:, None] == regions.ravel()[None]
+    logits = -d2 / locality + strength * same + rng.normal(0, noise, d2.shape).astype(np.float32)
+    logits -= logits.max(1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(1, keepdims=True)
+    return logits.astype(np.float32)
