@@ -285,3 +285,156 @@ def test_geometry_from_a_saved_placement() -> None:
     )
     assert geo == Geometry((2.0, 0.5), (1.0, 2.0), ("um", "um"), None)
     assert Geometry.from_placement({}) == Geometry()
+
+
+# -- issue #4: stacks, tiles, lazy labels -------------------------------------------
+def _stack_result(consistent: bool) -> object:
+    img = np.zeros((3, 40, 56), np.uint8)
+    img[:, :, 28:] = 200
+    img[1, 5:20, 5:20] = 90
+    return napari_diffcut.segment(
+        img,
+        backbone="pixels",
+        working_size=128,
+        min_size=4,
+        max_depth=3,
+        consistent_stack=consistent,
+    )
+
+
+def test_stack_result_is_one_layer_with_the_stack_shape() -> None:
+    from napari_diffcut._layers import recut_refusal, result_kind
+
+    seg = _stack_result(consistent=True)
+    geo = Geometry((4.0, 0.5, 0.5), (0.0, 1.0, 2.0), ("um", "um", "um"), ("z", "y", "x"))
+    [(data, kw, kind)] = result_layer_data(seg, "st", geometry=geo)
+    assert kind == "labels" and kw["name"] == "st diffcut" and data.shape == (3, 40, 56)
+    np.testing.assert_array_equal(data, seg.labels)
+    assert data is not seg.labels  # the layer's own copy: paint never reaches the result
+    assert kw["scale"] == (4.0, 0.5, 0.5) and kw["axis_labels"] == ("z", "y", "x")
+    meta = kw["metadata"][LAYER_KEY]
+    assert meta["kind"] == "stack" and meta["segmentation"] is seg and meta["data_token"] is None
+    assert result_kind(seg) == "stack" and recut_refusal(seg) == ""
+    values, counts = np.unique(seg.labels, return_counts=True)
+    np.testing.assert_array_equal(kw["features"]["index"], values[values > 0])
+    np.testing.assert_array_equal(kw["features"]["area"], counts[values > 0])
+    planes = [len({z for z in range(3) if (seg.labels[z] == v).any()}) for v in values]
+    np.testing.assert_array_equal(kw["features"]["planes"], planes)
+    assert not is_edited(data, kw["metadata"])
+    data[0, 0, 0] += 1
+    assert is_edited(data, kw["metadata"])
+    # Another threshold re-cuts every plane's tree.
+    [(low, kw_low, _)] = result_layer_data(seg, "st", threshold=1e-6)
+    np.testing.assert_array_equal(low, seg.cut(1e-6))
+    assert not is_edited(low, kw_low["metadata"])
+    json.dumps(kw["metadata"][LAYER_KEY]["settings"])
+
+
+def test_unmatched_stack_has_no_feature_table() -> None:
+    [(_, kw, _)] = result_layer_data(_stack_result(consistent=False), "st")
+    assert kw["features"] == {}  # equal labels in two planes name unrelated regions
+
+
+def test_tiled_result_cannot_be_recut() -> None:
+    from napari_diffcut._layers import recut_refusal
+
+    img = np.zeros((300, 300), np.uint8)
+    img[:, 150:] = 200
+    seg = napari_diffcut.segment(
+        img, backbone="pixels", working_size=128, min_size=4, max_depth=2, tile_size=128
+    )
+    assert "tile" in recut_refusal(seg)
+    [(data, kw, _)] = result_layer_data(seg, "big")
+    np.testing.assert_array_equal(data, seg.labels)
+    assert set(kw["features"]) == {"index", "area"}
+    assert kw["metadata"][LAYER_KEY]["threshold"] == pytest.approx(seg.threshold)
+    with pytest.raises(ValueError, match="tiled result"):
+        result_layer_data(seg, "big", threshold=0.5)
+
+
+def test_zarr_labels_go_to_a_dask_layer_and_edits_show_in_its_name(tmp_path: object) -> None:
+    """Labels held in zarr are never read whole: a dask view, edits seen by graph name."""
+    import dask.array as da
+
+    img = np.zeros((2, 40, 56), np.uint8)
+    img[:, :, 28:] = 200
+    seg = napari_diffcut.segment(
+        img,
+        backbone="pixels",
+        working_size=128,
+        min_size=4,
+        max_depth=2,
+        out=str(tmp_path / "labels.zarr"),  # type: ignore[operator]
+    )
+    assert not isinstance(seg.labels, np.ndarray)
+    [(data, kw, _)] = result_layer_data(seg, "st")
+    assert isinstance(data, da.Array) and kw["metadata"][LAYER_KEY]["data_token"] == data.name
+    np.testing.assert_array_equal(data.compute(), np.asarray(seg.labels))
+    assert not is_edited(data, kw["metadata"])
+    painted = data.copy()
+    painted[0, 0, 0] = 99  # what napari's paint does to a dask array: a new graph
+    assert is_edited(painted, kw["metadata"])
+    assert is_edited(np.asarray(data), kw["metadata"])  # replaced by numpy: not ours
+
+
+def test_count_labels_block_by_block() -> None:
+    from napari_diffcut._layers import count_labels
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, (3, 50, 40)).astype(np.uint32)
+    labels[2][labels[2] == 5] = 4  # label 5 in two planes only
+    index, area, planes = count_labels(labels, per_plane=True)
+    values, counts = np.unique(labels, return_counts=True)
+    np.testing.assert_array_equal(index, values[1:])
+    np.testing.assert_array_equal(area, counts[1:])
+    assert planes.tolist() == [3, 3, 3, 3, 2]
+    import napari_diffcut._layers as layers_mod
+
+    small = count_labels(labels, per_plane=True)
+    layers_mod.COUNT_BLOCK = 64  # many strips per plane: same answer
+    try:
+        strips = layers_mod.count_labels(labels, per_plane=True)
+    finally:
+        layers_mod.COUNT_BLOCK = 1 << 22
+    for a, b in zip(small, strips, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lazy_result_features_from_leaf_areas() -> None:
+    from napari_diffcut.lazy import LazySegmentation
+
+    img = np.zeros((600, 300), np.uint8)  # 8 bytes a pixel: beyond 1 MiB
+    img[:, 150:] = 200
+    img[50:150, 30:120] = 90
+    seg = napari_diffcut.segment(
+        img, backbone="pixels", working_size=128, min_size=4, max_depth=3, memory_budget=1
+    )
+    assert isinstance(seg, LazySegmentation)
+    tuples = result_layer_data(seg, "img")
+    assert len(tuples) == 1 + seg.hierarchy.n_levels()
+    for data, kw, _ in tuples:
+        assert kw["metadata"][LAYER_KEY]["data_token"] == data.name
+        np.testing.assert_equal(kw["features"], label_features(seg, data.compute()))
+
+
+def test_layer_channel_axis_and_alignment() -> None:
+    from napari_diffcut._layers import axes_geometry, layer_channel_axis, lines_up
+
+    assert layer_channel_axis(3, True) == 2
+    assert layer_channel_axis(4, False, ("t", "C", "y", "x")) == 1
+    assert layer_channel_axis(3, False, ("-3", "-2", "-1")) is None
+    assert lines_up((1, 2), 3) and not lines_up((0, 1), 3)
+    assert displayed_plane_axes(3, 3, (0, 1), plane_axes=(0, 1)) == (0, 1)
+    with pytest.raises(ValueError, match=r"\(Y, X\) axes \(0, 1\)"):
+        displayed_plane_axes(3, 3, (1, 2), plane_axes=(0, 1))
+
+    class FakeLayer:
+        scale = (2.0, 0.5, 0.25)
+        translate = (1.0, 2.0, 3.0)
+        units = ("s", "um", "um")
+        axis_labels = ("t", "y", "x")
+
+    assert axes_geometry(FakeLayer(), (0, 2)) == Geometry(
+        (2.0, 0.25), (1.0, 3.0), ("s", "um"), ("t", "x")
+    )
+    assert axes_geometry(FakeLayer()).scale == (2.0, 0.5, 0.25)

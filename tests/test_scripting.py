@@ -206,10 +206,13 @@ def test_bad_input(viewer: napari.Viewer, smear: Any) -> None:
         segment_layer(viewer, labels, **FAST)
     with pytest.raises(ValueError, match="layer must be an image layer"):
         segment_layer(viewer, "missing", **FAST)
-    pyramid = [np.zeros((128, 128), np.uint8), np.zeros((64, 64), np.uint8)]
-    multi = viewer.add_image(pyramid, multiscale=True, name="pyramid")
-    with pytest.raises(ValueError, match="multiscale"):
-        segment_layer(viewer, multi, **FAST)
+    with pytest.raises(ValueError, match="run_on"):
+        segment_layer(viewer, smear, run_on="volume", **FAST)
+    with pytest.raises(ValueError, match="channel_axis.*RGB axis"):
+        segment_layer(viewer, smear, channel_axis=0, **FAST)
+    stack = viewer.add_image(np.zeros((2, 32, 32), np.uint8), name="stack")
+    with pytest.raises(ValueError, match=r"channel_axis.*0\.\.2 or 'none'"):
+        segment_layer(viewer, stack, channel_axis=5, **FAST)
     with pytest.raises(TypeError, match="unknown setting"):
         segment_layer(viewer, smear, no_such_setting=1)
     with pytest.raises(ValueError, match="contrast_limits"):

@@ -360,7 +360,8 @@ def test_bad_settings_show_an_error_and_do_not_start(
     docked: tuple[Any, DiffCutWidget], notifications: list[Any]
 ) -> None:
     viewer, widget = docked
-    viewer.add_image(np.zeros((64, 64), np.uint8), name="grey")
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="rgb")
+    assert widget.channel_axis_combo.value == 2 and widget.channels_edit.enabled
     widget.channels_edit.value = "red"
     widget.run_button.clicked()
     assert not widget.running

@@ -37,7 +37,10 @@ from napari_diffcut.export import export_labels, free_stem
 CLICK_ACTIONS = ("off", "select", "split", "merge")
 #: A press and release further apart than this (canvas pixels) is a drag, not a click.
 CLICK_TOLERANCE_PX = 4.0
-_NO_LAYER = "Select a DiffCut result layer (a Labels layer made by DiffCut)."
+_NO_LAYER = (
+    "Select a DiffCut result layer (a 2-D Labels layer made by DiffCut; whole-stack, "
+    "tiled and beyond-memory results have no tree to edit here)."
+)
 
 
 class HierarchyEditor(Container):
@@ -399,7 +402,10 @@ def _segmentation(layer: Any) -> Any:
     if not isinstance(layer, Labels):
         return None
     seg = (diffcut_meta(layer.metadata) or {}).get("segmentation")
-    return seg if isinstance(seg, Segmentation) else None
+    # A 2-D result with its pixel map in memory only: stacks and tiled results
+    # have no single tree, and a lazy (beyond-memory) map would be read whole.
+    editable = isinstance(seg, Segmentation) and isinstance(seg.pixel_leaf, np.ndarray)
+    return seg if editable else None
 
 
 def _unwrap(obj: Any) -> Any:

@@ -3,8 +3,16 @@
 :func:`segment_layer` adds (or updates in place) exactly the layers the DiffCut
 dock widget adds, so a notebook or script and a click give the same result.
 It works with a viewer that was never shown (``napari.Viewer(show=False)``).
-The helpers here (:func:`layer_image`, :func:`apply_result_layers`,
-:func:`recut_layer`) are what the widget itself calls on the GUI thread.
+The helpers here (:func:`layer_defaults`, :func:`layer_image`,
+:func:`apply_result_layers`, :func:`recut_layer`) are what the widget itself
+calls on the GUI thread.
+
+Layers of any size (issue #4): the displayed plane or the whole stack
+(``run_on``), a channel axis read from the layer (RGB, or an axis labelled
+"c"/"channel"), numpy, dask or zarr data (lazy data is never read whole
+here: the engine reads it plane by plane, tile by tile) and multiscale
+pyramids (the engine runs on the level nearest its working size; the labels
+have level 0's size).
 
 napari is imported inside the functions only, so importing this module is
 cheap; the functions need napari installed.
@@ -17,63 +25,154 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 from napari_diffcut._layers import (
     ExistingLayer,
     Geometry,
     LayerDataTuple,
     LayerPlan,
+    axes_geometry,
     diffcut_meta,
     displayed_plane_axes,
     is_edited,
     is_result_of,
+    layer_channel_axis,
+    lines_up,
     plan_layer_updates,
-    plane_geometry,
     plane_selection,
+    result_kind,
     result_layer_data,
 )
+from napari_diffcut.core.image import NO_CHANNEL_AXIS
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-    from napari_diffcut.engine import DiffCutEngine, Progress, Segmentation
+    from napari_diffcut.engine import DiffCutEngine, Progress, Segmentation, Settings
 
 #: ``contrast_limits`` value meaning "use the image layer's contrast limits".
 FROM_LAYER = "layer"
+#: ``channel_axis`` value meaning "the layer's own" (see :func:`layer_defaults`).
+LAYER_DEFAULT = "layer"
+#: What a run covers for a layer with more than two (non-channel) axes.
+RUN_ON = ("plane", "stack")
+#: Memory budget (MiB) when none is given: numpy data up to it is copied for a run.
+_DEFAULT_BUDGET_MIB = 512
 
 
 @dataclass
 class LayerImage:
-    """The 2-D image a run sees, taken from an image layer on the GUI thread.
+    """The image a run sees, taken from an image layer on the GUI thread.
 
     Attributes
     ----------
-    image : ndarray
-        (Y, X) or (Y, X, C) copy of the plane now displayed.
+    image : array-like or list of array-likes
+        The displayed plane ((Y, X) plus a channel axis), or the whole layer
+        ((..., Y, X) plus a channel axis); a list for a multiscale layer
+        (largest level first; the engine runs on the level nearest the
+        working size). numpy data is a copy (up to the memory budget); dask
+        and zarr data stay lazy (never read whole here).
     contrast_limits : (float, float) or None
         Intensity window passed to the engine (None: percentile/min-max).
     geometry : Geometry
-        Scale, translate, units and axis labels of the plane axes.
+        Scale, translate, units and axis labels of the result's axes.
     plane : list or None
-        Index of every non-plane axis (None on plane axes); None for 2-D layers.
+        Plane mode on a stack: the index of every layer axis (None on the
+        plane and channel axes); None otherwise.
     source : str
         Name of the image layer.
+    channel_axis : int or "none"
+        The channel axis in ``image``'s axes (``Settings.channel_axis`` of the run).
+    run_on : {"plane", "stack"}
+        The displayed plane, or every plane of the stack.
+    kept_axes : tuple of int
+        The layer axes the result has, in order.
+    layer_ndim : int
+        Number of layer axes (an RGB layer's colour axis is not one).
     """
 
-    image: NDArray[Any]
+    image: Any
     contrast_limits: tuple[float, float] | None
     geometry: Geometry
     plane: list[int | None] | None
     source: str
+    channel_axis: int | str = "none"
+    run_on: str = "plane"
+    kept_axes: tuple[int, ...] = (0, 1)
+    layer_ndim: int = 2
 
     @property
     def plane_note(self) -> str:
-        """Human-readable note about the plane (empty for 2-D layers)."""
+        """Human-readable note about the plane (empty unless one plane of a stack)."""
         if self.plane is None:
             return ""
         where = ", ".join(f"axis {a} = {i}" for a, i in enumerate(self.plane) if i is not None)
         return f"segmenting the displayed 2-D plane only ({where})"
+
+    @property
+    def lines_up(self) -> bool:
+        """Whether the result lines up with the layer in napari (see :func:`lines_up`)."""
+        return lines_up(self.kept_axes, self.layer_ndim)
+
+    @property
+    def alignment_note(self) -> str:
+        """A warning when the result cannot line up with its layer ("" when it does)."""
+        if self.lines_up:
+            return ""
+        dropped = [a for a in range(self.layer_ndim) if a not in self.kept_axes]
+        return (
+            f"the result keeps layer axes {self.kept_axes} and drops {tuple(dropped)} "
+            "(the channel axis); napari lines layers up by their last axes, so it will not "
+            "overlay the image until the channel axis comes first (e.g. np.moveaxis(data, "
+            f"{dropped[-1]}, 0)) or the channels are split into layers"
+        )
+
+    def run_settings(self, settings: Settings) -> Settings:
+        """``settings`` with the channel axis of :attr:`image`."""
+        from napari_diffcut.engine import make_settings
+
+        return make_settings(settings, channel_axis=self.channel_axis)
+
+
+@dataclass(frozen=True)
+class LayerDefaults:
+    """What a run of a layer defaults to, read from the layer alone.
+
+    Attributes
+    ----------
+    channel_axis : int or None
+        Channel axis in the data's axes (:func:`~napari_diffcut._layers.layer_channel_axis`).
+    rgb : bool
+        napari shows the layer as RGB(A): its last data axis is the colours.
+    kept_axes : tuple of int
+        Layer axes other than the channel axis.
+    stack_shape : tuple of int
+        Sizes of the kept axes before (Y, X) (() for a single plane).
+    levels : int
+        Pyramid levels (1 unless multiscale).
+    dtype : str
+        The data's dtype.
+    contrast_limits : (float, float)
+        The layer's contrast limits (how it is displayed).
+    """
+
+    channel_axis: int | None
+    rgb: bool
+    kept_axes: tuple[int, ...]
+    stack_shape: tuple[int, ...]
+    levels: int
+    dtype: str
+    contrast_limits: tuple[float, float]
+
+    @property
+    def n_planes(self) -> int:
+        """Number of (Y, X) planes."""
+        return int(np.prod(self.stack_shape)) if self.stack_shape else 1
+
+    @property
+    def stacked(self) -> bool:
+        """More than two non-channel axes: the run can cover one plane or all of them."""
+        return bool(self.stack_shape)
 
 
 def _image_layer(viewer: Any, layer: Any) -> Any:
@@ -95,50 +194,182 @@ def _image_layer(viewer: Any, layer: Any) -> Any:
     return layer
 
 
-def layer_image(viewer: Any, layer: Any, *, contrast_limits: Any = FROM_LAYER) -> LayerImage:
-    """Take the image to segment from a layer: the whole layer, or the displayed plane.
+def _levels(layer: Any) -> list[Any]:
+    """The layer's arrays: its pyramid levels (largest first), or its one array."""
+    if getattr(layer, "multiscale", False):
+        return list(layer.data)
+    return [layer.data]
+
+
+def _data_channel_axis(layer: Any, channel_axis: Any) -> int | None:
+    """The channel axis in the layer's data axes: the layer's own, or checked ``channel_axis``."""
+    rgb = bool(getattr(layer, "rgb", False))
+    data_ndim = int(layer.ndim) + (1 if rgb else 0)
+    if channel_axis is None or (isinstance(channel_axis, str) and channel_axis == LAYER_DEFAULT):
+        return layer_channel_axis(data_ndim, rgb, getattr(layer, "axis_labels", None))
+    if isinstance(channel_axis, str) and channel_axis.lower() == NO_CHANNEL_AXIS:
+        axis = None
+    elif isinstance(channel_axis, int | np.integer) and not isinstance(channel_axis, bool):
+        if not -data_ndim <= int(channel_axis) < data_ndim:
+            axis = -1  # reported below
+        else:
+            axis = int(channel_axis) % data_ndim
+    else:
+        axis = -1
+    if axis == -1 or (rgb and axis != data_ndim - 1):
+        what = f"{data_ndim - 1} (its RGB axis)" if rgb else f"0..{data_ndim - 1} or 'none'"
+        raise ValueError(
+            f"channel_axis must be 'layer' (the layer's own), or an axis of layer "
+            f"{layer.name!r} with data shape {tuple(_levels(layer)[0].shape)}: {what}; "
+            f"got {channel_axis!r}"
+        )
+    return axis
+
+
+def layer_defaults(layer: Any, channel_axis: Any = LAYER_DEFAULT) -> LayerDefaults:
+    """Defaults of a run on an image layer: channels, stack, pyramid (issue #4 point 6).
+
+    Parameters
+    ----------
+    layer : napari.layers.Image
+        Any object with napari's ``data``, ``ndim``, ``rgb``, ``multiscale``,
+        ``axis_labels`` and ``contrast_limits``.
+    channel_axis : "layer", "none" or int
+        The channel axis in the data's axes ("layer": the layer's own).
+    """
+    cax = _data_channel_axis(layer, channel_axis)
+    ndim = int(layer.ndim)
+    kept = tuple(a for a in range(ndim) if a != cax)
+    if len(kept) < 2:
+        raise ValueError(
+            f"layer {layer.name!r} needs two axes besides the channel axis {cax}, got {ndim} axes"
+        )
+    shape = tuple(int(n) for n in _levels(layer)[0].shape)
+    lo, hi = layer.contrast_limits
+    return LayerDefaults(
+        channel_axis=cax,
+        rgb=bool(getattr(layer, "rgb", False)),
+        kept_axes=kept,
+        stack_shape=tuple(shape[a] for a in kept[:-2]),
+        levels=len(_levels(layer)),
+        dtype=str(np.dtype(_levels(layer)[0].dtype)),
+        contrast_limits=(float(lo), float(hi)),
+    )
+
+
+def _snapshot(array: Any, budget_bytes: int) -> Any:
+    """What a run reads: numpy data copied (up to the budget), lazy data as it is.
+
+    A copy keeps the worker from seeing later changes to the layer. dask
+    arrays are immutable graphs (napari paints them by replacing the graph),
+    so they need none; zarr and other stores are read on demand, never whole.
+    numpy data beyond the budget is used in place (do not paint the source
+    layer during such a run).
+    """
+    if isinstance(array, np.ndarray):
+        return np.array(array, copy=True) if array.nbytes <= budget_bytes else array
+    return array
+
+
+def _take(array: Any, index: tuple[Any, ...]) -> Any:
+    """``array[index]`` without reading it when it is lazy (zarr goes through dask)."""
+    if isinstance(array, np.ndarray) or hasattr(array, "dask"):
+        return array[index]
+    from napari_diffcut._layers import as_dask
+
+    return as_dask(array)[index]
+
+
+def layer_image(
+    viewer: Any,
+    layer: Any,
+    *,
+    contrast_limits: Any = FROM_LAYER,
+    run_on: str = "plane",
+    channel_axis: Any = LAYER_DEFAULT,
+    memory_budget: int = _DEFAULT_BUDGET_MIB,
+) -> LayerImage:
+    """Take the image to segment from a layer: the displayed plane, or the whole stack.
 
     Parameters
     ----------
     viewer : napari.Viewer or None
-        Gives the displayed plane of layers with more than two dimensions
-        (None: only 2-D layers are accepted).
+        Gives the displayed plane of stacks in plane mode (None: only
+        single planes and ``run_on="stack"`` are accepted).
     layer : napari.layers.Image or str
-        The image layer (or its name when ``viewer`` is given).
+        The image layer (or its name when ``viewer`` is given): numpy, dask
+        or zarr data, or a multiscale pyramid.
     contrast_limits : "layer", (low, high) or None
         "layer" (default): map intensities through the layer's contrast
         limits, so the model sees what you see (what makes 16-bit images
         work); a pair: that window; None: the engine's percentile
         normalisation (``Settings.normalize``).
+    run_on : {"plane", "stack"}
+        For a layer with more than two non-channel axes: the plane now
+        displayed (default), or every plane (the result has the stack's shape).
+    channel_axis : "layer", "none" or int
+        Channel axis in the layer data's axes; "layer" (default): the
+        layer's own (RGB, or an axis labelled "c"/"channel", else none).
+    memory_budget : int
+        MiB: numpy data up to this size is copied for the run.
 
     Returns
     -------
     LayerImage
     """
+    if run_on not in RUN_ON:
+        raise ValueError(f"run_on must be one of {RUN_ON}, got {run_on!r}")
     if viewer is not None:
         layer = _image_layer(viewer, layer)
-    if getattr(layer, "multiscale", False):
-        raise ValueError(
-            f"layer {layer.name!r} is multiscale; segmenting multiscale data is not "
-            "supported yet. Add one pyramid level as its own layer "
-            "(viewer.add_image(layer.data[k])) "
-            "and segment that"
-        )
+    defaults = layer_defaults(layer, channel_axis)
+    cax = defaults.channel_axis
+    kept = defaults.kept_axes
     ndim = int(layer.ndim)
-    if ndim > 2 and viewer is None:
-        raise ValueError(
-            f"layer {layer.name!r} has {ndim} dimensions: pass the viewer to pick the plane"
-        )
-    if ndim > 2:
-        axes = displayed_plane_axes(ndim, int(viewer.dims.ndim), tuple(viewer.dims.displayed))
-        position = layer.world_to_data(viewer.dims.point)
-        index, plane = plane_selection(layer.data.shape[:ndim], position, axes)
-        raw = layer.data[index]
-    else:
-        axes, plane, raw = (0, 1), None, layer.data
-    image = np.array(raw, copy=True)  # the worker must not see later changes
+    budget = int(memory_budget) * (1 << 20)
+    levels = _levels(layer)
     limits = _contrast_limits(layer, contrast_limits)
-    return LayerImage(image, limits, plane_geometry(layer, axes), plane, layer.name)
+    if not defaults.stacked or run_on == "stack":
+        image_axis: int | str = NO_CHANNEL_AXIS if cax is None else cax
+        taken = [_snapshot(level, budget) for level in levels]
+        return LayerImage(
+            taken if len(taken) > 1 else taken[0],
+            limits,
+            axes_geometry(layer, kept),
+            None,
+            layer.name,
+            image_axis,
+            run_on if defaults.stacked else "plane",
+            kept,
+            ndim,
+        )
+    if viewer is None:
+        raise ValueError(
+            f"layer {layer.name!r} is a stack of {defaults.n_planes} planes: pass the viewer "
+            "to pick the displayed plane, or run_on='stack'"
+        )
+    plane_axes = displayed_plane_axes(
+        ndim, int(viewer.dims.ndim), tuple(viewer.dims.displayed), kept[-2:]
+    )
+    whole = (*plane_axes, *([cax] if cax is not None and cax < ndim else []))
+    position = layer.world_to_data(viewer.dims.point)
+    index, plane = plane_selection(levels[0].shape[:ndim], position, whole)
+    # Pyramid levels that also shrink the stack axes would index another plane.
+    factors = np.asarray(getattr(layer, "downsample_factors", np.ones((1, ndim))), float)
+    stack_axes = [a for a in range(ndim) if a not in whole]
+    same = [k for k in range(len(levels)) if np.allclose(factors[k][stack_axes], 1.0)]
+    taken = [_snapshot(_take(levels[k], index), budget) for k in same]
+    image_axis = NO_CHANNEL_AXIS if cax is None else sum(1 for a in plane_axes if a < cax)
+    return LayerImage(
+        taken if len(taken) > 1 else taken[0],
+        limits,
+        axes_geometry(layer, plane_axes),
+        plane,
+        layer.name,
+        image_axis,
+        run_on,
+        tuple(plane_axes),
+        ndim,
+    )
 
 
 def _contrast_limits(layer: Any, contrast_limits: Any) -> tuple[float, float] | None:
@@ -266,6 +497,8 @@ def recut_layer(viewer: Any, layer: Any, threshold: float | str) -> list[Any]:
     main and level layers are updated in place (edited layers are kept, see
     :func:`apply_result_layers`). The segmentation's own threshold setting is
     set too, so ``Segmentation.labels`` and a saved result match the layer.
+    A whole-stack result re-cuts every plane's tree (and matches the planes
+    again with ``consistent_stack``).
 
     Parameters
     ----------
@@ -278,6 +511,12 @@ def recut_layer(viewer: Any, layer: Any, threshold: float | str) -> list[Any]:
     -------
     list of napari.layers.Labels
         Main layer first, then levels; empty when ``layer`` has no result.
+
+    Raises
+    ------
+    ValueError
+        The result cannot be re-cut (a tiled result, or a stack whose trees
+        were not kept: :func:`~napari_diffcut._layers.recut_refusal`).
     """
     from napari_diffcut.errors import check_threshold
 
@@ -292,7 +531,7 @@ def recut_layer(viewer: Any, layer: Any, threshold: float | str) -> list[Any]:
         seg,
         source,
         threshold=setting,
-        geometry=plane_geometry(main),
+        geometry=axes_geometry(main),
         plane=meta.get("plane"),
     )
     set_segmentation_threshold(seg, setting)
@@ -301,17 +540,32 @@ def recut_layer(viewer: Any, layer: Any, threshold: float | str) -> list[Any]:
 
 
 def set_segmentation_threshold(seg: Any, threshold: float | str) -> None:
-    """Make ``seg.labels`` (and its settings record) follow the threshold shown."""
+    """Make ``seg.labels`` (and its settings record) follow the threshold shown.
+
+    2-D results only: a stack keeps the labels of its run (its layers record
+    the threshold shown in their metadata), a tiled result has no threshold
+    to change.
+    """
     from napari_diffcut.errors import check_threshold
 
     setting = check_threshold(threshold)
+    if result_kind(seg) != "tree":
+        return
     seg.hierarchy.threshold_setting = setting
     seg.settings["threshold"] = setting
 
 
-def result_tuples(seg: Segmentation, taken: LayerImage) -> list[LayerDataTuple]:
+def result_tuples(seg: Any, taken: LayerImage) -> list[LayerDataTuple]:
     """Layer-data tuples of a run on ``taken`` (main first, then levels)."""
     return result_layer_data(seg, taken.source, geometry=taken.geometry, plane=taken.plane)
+
+
+def warn_alignment(taken: LayerImage) -> None:
+    """A napari warning when the result will not overlay its layer (see :class:`LayerImage`)."""
+    if not taken.lines_up:
+        from napari.utils.notifications import show_warning
+
+        show_warning(f"DiffCut: {taken.alignment_note}")
 
 
 def segment_layer(
@@ -321,40 +575,51 @@ def segment_layer(
     engine: DiffCutEngine | None = None,
     progress: Callable[[Progress], None] | None = None,
     contrast_limits: Any = FROM_LAYER,
+    run_on: str = "plane",
     **settings: Any,
 ) -> list[Any]:
     """Segment an image layer in the calling thread and add the result layers.
 
     Adds, or updates in place, exactly the layers the DiffCut widget makes:
-    ``"<image> diffcut"`` (visible, at the chosen threshold) and
-    ``"<image> diffcut level d"`` (hidden), with features and metadata (see
-    :mod:`napari_diffcut._layers`). Layers you painted on are never
-    overwritten: the new result goes to a new layer instead. The image layer
-    and every other layer are left unchanged. For a layer with more than two
-    dimensions, the displayed 2-D plane is segmented.
+    ``"<image> diffcut"`` (visible, at the chosen threshold) and, for a 2-D
+    result, ``"<image> diffcut level d"`` (hidden), with features and
+    metadata (see :mod:`napari_diffcut._layers`). Layers you painted on are
+    never overwritten: the new result goes to a new layer instead. The image
+    layer and every other layer are left unchanged.
 
     Parameters
     ----------
     viewer : napari.Viewer
         May be hidden (``napari.Viewer(show=False)``).
     layer : napari.layers.Image or str
-        The image layer, or its name.
+        The image layer, or its name: numpy, dask or zarr data, or a
+        multiscale pyramid (run on the level nearest the working size;
+        labels at level 0's size, lazy beyond ``memory_budget``).
     engine : DiffCutEngine, optional
         Reuse a loaded model across calls (a fresh engine loads it each call).
     progress : callable, optional
-        Called with each :class:`~napari_diffcut.engine.Progress` event.
+        Called with each :class:`~napari_diffcut.engine.Progress` event
+        (stacks add "plane" events, tiled runs "tile" and "stitch").
     contrast_limits : "layer", (low, high) or None
         Intensity window (see :func:`layer_image`). When ``normalize`` is
         passed and this is left at "layer", the percentiles are used instead.
+    run_on : {"plane", "stack"}
+        For a layer with more than two non-channel axes: the displayed 2-D
+        plane (default), or the whole stack, plane by plane (one Labels
+        layer with the stack's shape, no level layers).
     **settings
         :class:`~napari_diffcut.engine.Settings` fields: model, backbone,
         device, mode, power, graph, threshold, min_size, max_depth, seed,
-        channels, normalize, ...
+        channels, normalize, working_size, tile_size, tile_overlap,
+        consistent_stack, memory_budget, ... ``channel_axis`` is an axis of
+        the layer's data, or "none"; by default (or None) the layer's own:
+        the colour axis of an RGB layer, else an axis labelled "c" or
+        "channel", else none.
 
     Returns
     -------
     list of napari.layers.Labels
-        The main layer first, then level 1, 2, ...
+        The main layer first, then level 1, 2, ... (2-D results only).
 
     Examples
     --------
@@ -363,7 +628,7 @@ def segment_layer(
     >>> image = viewer.open_sample("napari-diffcut", "blood_smear")[0]  # doctest: +SKIP
     >>> out = nd.segment_layer(viewer, image, backbone="pixels")  # doctest: +SKIP
     """
-    from napari_diffcut.engine import DiffCutEngine, drain
+    from napari_diffcut.engine import DiffCutEngine, drain, make_settings
 
     if (
         "normalize" in settings
@@ -371,9 +636,21 @@ def segment_layer(
         and contrast_limits == FROM_LAYER
     ):
         contrast_limits = None
-    taken = layer_image(viewer, layer, contrast_limits=contrast_limits)
+    channel_axis = settings.pop("channel_axis", LAYER_DEFAULT)
+    base = make_settings(None, **settings)  # unknown names and bad values fail first
+    taken = layer_image(
+        viewer,
+        layer,
+        contrast_limits=contrast_limits,
+        run_on=run_on,
+        channel_axis=channel_axis,
+        memory_budget=base.memory_budget,
+    )
     engine = engine if engine is not None else DiffCutEngine()
-    gen = engine.iter_segment(taken.image, contrast_limits=taken.contrast_limits, **settings)
+    gen = engine.iter_segment(
+        taken.image, taken.run_settings(base), contrast_limits=taken.contrast_limits
+    )
     seg = drain(gen, progress)
     layers, _ = apply_result_layers(viewer, result_tuples(seg, taken))
+    warn_alignment(taken)
     return layers

@@ -149,7 +149,7 @@ def auto_threshold(costs: NDArray[np.float64]) -> float:
 
 
 def iter_ncut_tree(
-    affinity: NDArray[np.float64],
+    affinity: NDArray[np.floating],
     *,
     min_size: int = 16,
     max_depth: int = 8,
@@ -162,6 +162,10 @@ def iter_ncut_tree(
     outside dropped, Shi & Malik). A node becomes a leaf when it has fewer than
     ``2 * min_size`` patches, reaches ``max_depth``, or its best split costs at
     least 1 (no structure).
+
+    The graph is used in float32 (a float64 ``affinity`` is converted once;
+    pass float32 to save the copy), each split on one BLAS thread
+    (core/ncut.py docstring; benchmarks/NOTES.md).
 
     Yields
     ------

@@ -10,15 +10,16 @@ Precision and speed (benchmarks/NOTES.md): every function works in the dtype
 of the affinity it is given. The tree (:mod:`napari_diffcut.core.hierarchy`)
 passes a float32 graph: the Lanczos recurrence, degrees, sweep sums and the
 returned cost stay float64, only the products with W run in float32, which
-halves the memory traffic that bounds them (about 10x faster matrix-vector
-products at 4096 nodes). Costs agree with the float64 graph to about 1e-6.
+halves the memory traffic that bounds them (matrix-vector products 4-10x
+faster at 4096 nodes). Costs agree with the float64 graph to about 1e-6.
 
 BLAS threads: a tree makes a few thousand matrix-vector products of a few
 milliseconds each. A multi-threaded BLAS wakes its helper threads for each of
 them, and when the cores are busy with other work a helper that has been
-descheduled stalls every product (measured: 4x slower on 2 busy cores, about
-1.3x faster on 2 idle ones). :func:`single_thread_blas` lets the tree run its
-splits on one BLAS thread; the limit is lifted between splits.
+descheduled stalls every product (measured: a whole tree 4x slower with 2
+threads than with 1 on 2 busy cores; on idle cores the threads save about
+0.1 s per tree). :func:`single_thread_blas` lets the tree run its splits on
+one BLAS thread; the limit is lifted between splits.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Bipartition:
 DENSE_MAX = 64
 #: Up to this size the sweep gathers the sorted matrix; above it, block sums.
 SWEEP_GATHER_MAX = 256
-#: Block length of the blocked sweep (a gemm with n / SWEEP_BLOCK columns).
+#: Rows of W gathered at a time by the blocked sweep (:func:`_earlier_sums`).
 SWEEP_BLOCK = 64
 
 
