@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -99,13 +98,6 @@ def test_npe2_validate() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(
-    any(
-        importlib.util.find_spec(m) is None
-        for m in ("napari_diffcut._reader", "napari_diffcut._writer")
-    ),
-    reason="reader/writer modules (issue #7) not installed yet",
-)
 def test_npe2_validate_imports() -> None:
     result = _npe2("validate", "--imports", "napari-diffcut")
     assert result.returncode == 0, result.stdout + result.stderr
