@@ -392,11 +392,10 @@ def _blocks(shape: tuple[int, ...], side: int) -> Any:
 
 def _write_tiled_tiff(path: Path, labels: Any) -> Path:
     """Tile-by-tile BigTIFF from lazy labels, then rename into place (atomic)."""
-    import os
-    import tempfile
-
     import numpy as np
     import tifffile
+
+    from napari_diffcut.io import atomic_path
 
     shape = tuple(int(n) for n in labels.shape)
 
@@ -407,10 +406,7 @@ def _write_tiled_tiff(path: Path, labels: Any) -> Path:
             tile[: block.shape[0], : block.shape[1]] = block
             yield tile
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         tifffile.imwrite(
             tmp,
             data=tiles(),
@@ -420,10 +416,6 @@ def _write_tiled_tiff(path: Path, labels: Any) -> Path:
             compression="zlib",
             bigtiff=True,
         )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
