@@ -567,24 +567,18 @@ def result_layer_data(
             features = lazy_features(seg, seg.hierarchy.node_lut(tau, max_level=level), leaf_area)
         else:
             features = label_features(seg, data)
-        kwargs = {
-            "name": name,
-            "visible": level == shown,
-            "features": features,
-            "metadata": layer_metadata(
-                seg,
-                role=role,
-                level=level,
-                source=source,
-                threshold=tau,
-                setting=setting,
-                plane=plane,
-                version=version,
-                data_token=_dask_token(data),
-            ),
-            **geo,
-        }
-        return (data, kwargs, "labels")
+        meta = layer_metadata(
+            seg,
+            role=role,
+            level=level,
+            source=source,
+            threshold=tau,
+            setting=setting,
+            plane=plane,
+            version=version,
+            data_token=_dask_token(data),
+        )
+        return _labels_tuple(data, name, level == shown, features, meta, geo)
 
     out = [one("main", None, main_layer_name(source))]
     out += [one("level", d, level_layer_name(source, d)) for d in range(1, n_levels + 1)]
@@ -607,22 +601,36 @@ def _flat_layer_data(
         if refusal and not _same_setting(check_threshold(threshold), own):
             raise ValueError(f"cannot cut at threshold {threshold!r}: {refusal}")
     data = flat_data(seg, setting)
+    meta = layer_metadata(
+        seg,
+        role="main",
+        level=None,
+        source=source,
+        threshold=tau,
+        setting=setting,
+        plane=plane,
+        version=version,
+        data_token=_dask_token(data),
+    )
+    geo = (geometry or Geometry()).as_kwargs()
+    return _labels_tuple(data, main_layer_name(source), True, flat_features(seg, data), meta, geo)
+
+
+def _labels_tuple(
+    data: Any,
+    name: str,
+    visible: bool,
+    features: Any,
+    metadata: dict[str, Any],
+    geometry: dict[str, Any],
+) -> LayerDataTuple:
+    """The (data, kwargs, "labels") tuple napari adds as a Labels layer."""
     kwargs = {
-        "name": main_layer_name(source),
-        "visible": True,
-        "features": flat_features(seg, data),
-        "metadata": layer_metadata(
-            seg,
-            role="main",
-            level=None,
-            source=source,
-            threshold=tau,
-            setting=setting,
-            plane=plane,
-            version=version,
-            data_token=_dask_token(data),
-        ),
-        **(geometry or Geometry()).as_kwargs(),
+        "name": name,
+        "visible": visible,
+        "features": features,
+        "metadata": metadata,
+        **geometry,
     }
     return (data, kwargs, "labels")
 
