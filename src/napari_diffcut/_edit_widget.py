@@ -22,11 +22,15 @@ After every edit the layer's ``features`` are recomputed (one row per label).
 when a standalone editor is un-docked) unhooks it from the viewer and layer.
 """
 
-from typing import Any
+from __future__ import annotations
 
-import napari  # noqa: TID253 - a napari widget module, reached only through napari
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, PushButton  # noqa: TID253
+from magicgui.widgets import ComboBox, Container, Label, PushButton
+
+if TYPE_CHECKING:  # napari is only needed for the annotation; the viewer is passed in
+    import napari
 
 from napari_diffcut._layers import LAYER_KEY, diffcut_meta, label_features
 from napari_diffcut.editing import Edit, EditHistory, LabelTree
