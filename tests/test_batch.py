@@ -29,7 +29,7 @@ from napari_diffcut.batch import (
 )
 from napari_diffcut.cli import main
 from napari_diffcut.engine import DiffCutEngine, Settings
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.io import read_image
 
 # A 16 x 16 patch grid and a shallow tree: a fraction of a second per image.

@@ -7,7 +7,7 @@ import pytest
 
 from napari_diffcut.editing import Edit, EditHistory, LabelTree, merge, split
 from napari_diffcut.engine import Segmentation
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 
 # A hand-made tree:            0
 #                            /   \

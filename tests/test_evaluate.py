@@ -14,7 +14,7 @@ import pytest
 import tifffile
 
 from napari_diffcut.cli import main
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.evaluation import datasets as ds
 from napari_diffcut.evaluation.metrics import (
     confusion_histogram,

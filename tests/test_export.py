@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from napari_diffcut.engine import Segmentation
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.export import (
     COLUMNS,
     export_labels,

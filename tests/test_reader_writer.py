@@ -17,7 +17,7 @@ from napari_diffcut._reader import get_reader, read_layers
 from napari_diffcut._writer import write_labels_layer
 from napari_diffcut.editing import LabelTree
 from napari_diffcut.engine import Segmentation
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_diffcut import Segmentation, iter_segment, segment
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.stacks import (
     StackSegmentation,
     _last_user,

@@ -12,7 +12,7 @@ import pytest
 import napari_diffcut
 from napari_diffcut import store
 from napari_diffcut.engine import Segmentation
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 
 
 @pytest.fixture(scope="module")

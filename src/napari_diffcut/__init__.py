@@ -22,7 +22,7 @@ _LAZY = {
     "ncut_hierarchy": "napari_diffcut.core.hierarchy",
     "Hierarchy": "napari_diffcut.core.hierarchy",
     "Node": "napari_diffcut.core.hierarchy",
-    "DiffCutError": "napari_diffcut.errors",
+    "DiffCutError": "napari_diffcut.core.errors",
     "load": "napari_diffcut.store",
     "StackSegmentation": "napari_diffcut.stacks",
     "TiledSegmentation": "napari_diffcut.tiling",
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
         iter_segment,
         segment,
     )
-    from napari_diffcut.errors import DiffCutError
+    from napari_diffcut.core.errors import DiffCutError
 
 
 def __getattr__(name: str) -> Any:

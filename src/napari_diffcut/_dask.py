@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 
 from napari_diffcut.batch import ImageResult, Job, Reader, one_line, process_image
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Worker

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # napari is only needed for the annotation; the viewer is pas
 
 from napari_diffcut._layers import LAYER_KEY, diffcut_meta, label_features
 from napari_diffcut.editing import Edit, EditHistory, LabelTree
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.export import export_labels, free_stem
 
 #: What a click on the layer does.

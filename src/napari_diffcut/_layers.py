@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_diffcut.errors import check_threshold
+from napari_diffcut.core.errors import check_threshold
 
 #: Key of our entry in a layer's ``metadata``.
 LAYER_KEY = "napari_diffcut"

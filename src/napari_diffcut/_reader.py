@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_diffcut._layers import Geometry, result_layer_data
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.store import SUFFIX, SavedResult, is_result_store, read_result
 
 LayerData = tuple[Any, ...]

@@ -70,7 +70,7 @@ from napari_diffcut.engine import (
     Settings,
     make_settings,
 )
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.scripting import (
     FROM_LAYER,
     LayerDefaults,

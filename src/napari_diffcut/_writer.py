@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from napari_diffcut._layers import diffcut_meta
-from napari_diffcut.errors import DiffCutError, check_threshold
+from napari_diffcut.core.errors import DiffCutError, check_threshold
 from napari_diffcut.store import save
 
 

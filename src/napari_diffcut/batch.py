@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.io import IMAGE_SUFFIXES, read_image, write_json, write_labels
 
 if TYPE_CHECKING:  # pragma: no cover

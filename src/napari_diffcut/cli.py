@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_diffcut import __version__
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 
 PROG = "napari-diffcut"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -30,7 +30,7 @@ from napari_diffcut.core.image import (
 )
 from napari_diffcut.core.upsample import soft_upsample
 from napari_diffcut.core.walk import GRAPHS, aggregate_attention, build_affinity
-from napari_diffcut.errors import DiffCutError, check_choice, check_int, check_threshold
+from napari_diffcut.core.errors import DiffCutError, check_choice, check_int, check_threshold
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BACKBONES = ("diffusion", "pixels")

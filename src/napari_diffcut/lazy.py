@@ -447,7 +447,7 @@ def open_image(
     DiffCutError
         When the file does not exist or cannot be read as an image.
     """
-    from napari_diffcut.errors import DiffCutError
+    from napari_diffcut.core.errors import DiffCutError
     from napari_diffcut.io import TIFF_SUFFIXES, read_image
 
     p = Path(path)

@@ -518,7 +518,7 @@ def recut_layer(viewer: Any, layer: Any, threshold: float | str) -> list[Any]:
         The result cannot be re-cut (a tiled result, or a stack whose trees
         were not kept: :func:`~napari_diffcut._layers.recut_refusal`).
     """
-    from napari_diffcut.errors import check_threshold
+    from napari_diffcut.core.errors import check_threshold
 
     source = layer if isinstance(layer, str) else layer.name
     setting = check_threshold(threshold)
@@ -546,7 +546,7 @@ def set_segmentation_threshold(seg: Any, threshold: float | str) -> None:
     the threshold shown in their metadata), a tiled result has no threshold
     to change.
     """
-    from napari_diffcut.errors import check_threshold
+    from napari_diffcut.core.errors import check_threshold
 
     setting = check_threshold(threshold)
     if result_kind(seg) != "tree":

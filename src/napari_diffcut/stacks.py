@@ -38,7 +38,7 @@ from napari_diffcut.engine import (
     iter_segment_plane,
     relay,
 )
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 
 #: A segment continues its neighbour's label when their IoU is at least this.
 MIN_STACK_IOU = 0.3

@@ -5,7 +5,7 @@ attributes only: no pickles and no object arrays, so opening a result that
 someone else wrote cannot run code. Before any chunk is decoded, the JSON
 metadata of every array is checked against a short list of numeric data types
 and byte codecs (:data:`SAFE_CODECS`); a foreign or damaged store gets a
-:class:`~napari_diffcut.errors.DiffCutError` that names the file and the
+:class:`~napari_diffcut.core.errors.DiffCutError` that names the file and the
 problem.
 
 Layout (``format_version`` 1)::
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_diffcut.errors import DiffCutError, check_threshold
+from napari_diffcut.core.errors import DiffCutError, check_threshold
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_diffcut.core.hierarchy import TreeArrays

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_diffcut.core.ncut import single_thread_blas
-from napari_diffcut.errors import check_choice
+from napari_diffcut.core.errors import check_choice
 
 GRAPHS = ("walk", "similarity")
 

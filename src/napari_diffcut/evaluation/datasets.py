@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.evaluation.metrics import IGNORE
 from napari_diffcut.io import IMAGE_SUFFIXES
 

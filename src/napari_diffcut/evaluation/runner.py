@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_diffcut.errors import DiffCutError
+from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.evaluation.datasets import (
     Dataset,
     Protocol,

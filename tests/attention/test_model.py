@@ -15,7 +15,7 @@ from napari_diffcut.attention.model import (  # noqa: E402
     resolve_device,
     resolve_dtype,
 )
-from napari_diffcut.errors import DiffCutError  # noqa: E402
+from napari_diffcut.core.errors import DiffCutError  # noqa: E402
 
 
 def test_loads_local_folder(tiny_model: Path) -> None:
