@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import planted_transition
+from napari_diffcut.testing import planted_transition
 from napari_diffcut.core import ncut, upsample, walk
 from napari_diffcut.core.hierarchy import build_tree
 from napari_diffcut.core.ncut import bipartition, fiedler_vector, ncut_cost, sweep_cut

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from conftest import planted_transition
+from napari_diffcut.testing import planted_transition
 from napari_diffcut import ncut_hierarchy
 from napari_diffcut.core.hierarchy import (
     STRUCTURELESS_COST,
