@@ -7,7 +7,7 @@ Usage::
     python benchmarks/bench_batch.py --model /tmp/sd15-random --backbones model
 
 Each configuration segments the same folder of generated images into a fresh
-output folder with :func:`napari_diffcut.batch.run_batch`. "wall" includes
+output folder with :func:`napari_diffcut.batch.runner.run_batch`. "wall" includes
 cluster start-up and the model loads (once per worker); "marginal" is the
 throughput once running, from two runs: ``(N - 1) / (wall(N) - wall(1))``.
 With ``--repeats R`` each wall time is the best of R runs (other load on a
@@ -27,17 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_diffcut.batch import run_batch
-from napari_diffcut.engine import Settings
+from napari_diffcut.batch.runner import run_batch
+from napari_diffcut.pipeline.settings import Settings
 
 CONFIGS = (("in process", None), ("1 worker", 1), ("2 workers", 2))
 
 
 def _threads(workers: int | None) -> str:
-    """Math-library threads of each worker (see napari_diffcut._dask.thread_env)."""
+    """Math-library threads of each worker (see napari_diffcut.batch.dask.thread_env)."""
     if workers is None:
         return " (library default threads)"
-    from napari_diffcut._dask import thread_env
+    from napari_diffcut.batch.dask import thread_env
 
     n = int(thread_env(workers)["OMP_NUM_THREADS"])
     return f" ({n} thread{'s' if n > 1 else ''} each)"

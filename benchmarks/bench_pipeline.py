@@ -34,7 +34,7 @@ from bench_common import Timing, load_average, peak_rss_gib, weights_gib
 def bench_image(path: str | None, size: int = 512) -> np.ndarray:
     """The image of the run: ``path``, else scikit-image's bundled astronaut (512 x 512 RGB)."""
     if path:
-        from napari_diffcut.io import read_image
+        from napari_diffcut.files.io import read_image
 
         return np.asarray(read_image(path))
     from skimage import data
@@ -45,7 +45,7 @@ def bench_image(path: str | None, size: int = 512) -> np.ndarray:
 
 def timed_run(image: np.ndarray, engine: Any, **settings: Any) -> tuple[dict[str, float], Any]:
     """One ``iter_segment`` run with a timestamp per progress event; stage times in seconds."""
-    from napari_diffcut.engine import iter_segment
+    from napari_diffcut.large.dispatch import iter_segment
 
     marks: list[tuple[str, str, float]] = []
     gen = iter_segment(image, engine=engine, **settings)
@@ -101,7 +101,8 @@ def run(
     import torch
     from bench_capture import unet_forward_times
 
-    from napari_diffcut.engine import DiffCutEngine, Settings
+    from napari_diffcut.large.dispatch import DiffCutEngine
+    from napari_diffcut.pipeline.settings import Settings
 
     # fp32 on CPU (the targets' setting); the engine's default (fp16) on CUDA.
     dtype = "float32" if device == "cpu" else "auto"

@@ -11,7 +11,7 @@ import pytest
 from napari_diffcut.testing import planted_transition  # noqa: F401 - used by tests
 
 if TYPE_CHECKING:
-    from napari_diffcut.engine import Segmentation
+    from napari_diffcut.pipeline.segmentation import Segmentation
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
         "napari_diffcut.core.ncut",
         "napari_diffcut.core.hierarchy",
         "napari_diffcut.core.image",
-        "napari_diffcut.engine",
+        "napari_diffcut.large.dispatch",
     ],
 )
 def test_doctests(module: str) -> None:

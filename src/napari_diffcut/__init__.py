@@ -10,40 +10,35 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from napari_diffcut.core.version import __version__
 
 _LAZY = {
-    "segment": "napari_diffcut.engine",
-    "iter_segment": "napari_diffcut.engine",
-    "Segmentation": "napari_diffcut.engine",
-    "Settings": "napari_diffcut.engine",
-    "Progress": "napari_diffcut.engine",
-    "DiffCutEngine": "napari_diffcut.engine",
+    "segment": "napari_diffcut.large.dispatch",
+    "iter_segment": "napari_diffcut.large.dispatch",
+    "Segmentation": "napari_diffcut.pipeline.segmentation",
+    "Settings": "napari_diffcut.pipeline.settings",
+    "Progress": "napari_diffcut.pipeline.settings",
+    "DiffCutEngine": "napari_diffcut.large.dispatch",
     "ncut_hierarchy": "napari_diffcut.core.hierarchy",
     "Hierarchy": "napari_diffcut.core.hierarchy",
     "Node": "napari_diffcut.core.hierarchy",
     "DiffCutError": "napari_diffcut.core.errors",
-    "load": "napari_diffcut.store",
-    "StackSegmentation": "napari_diffcut.stacks",
-    "TiledSegmentation": "napari_diffcut.tiling",
-    "run_batch": "napari_diffcut.batch",
-    "segment_layer": "napari_diffcut.scripting",
+    "load": "napari_diffcut.results.store",
+    "StackSegmentation": "napari_diffcut.large.stacks",
+    "TiledSegmentation": "napari_diffcut.large.tiling",
+    "run_batch": "napari_diffcut.batch.runner",
+    "segment_layer": "napari_diffcut.plugin.scripting",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     # ruff: noqa: F401 - re-exported lazily through __getattr__
-    from napari_diffcut.core.hierarchy import Hierarchy, Node, ncut_hierarchy
-    from napari_diffcut.engine import (
-        DiffCutEngine,
-        Progress,
-        Segmentation,
-        Settings,
-        iter_segment,
-        segment,
-    )
     from napari_diffcut.core.errors import DiffCutError
+    from napari_diffcut.core.hierarchy import Hierarchy, Node, ncut_hierarchy
+    from napari_diffcut.large.dispatch import DiffCutEngine, iter_segment, segment
+    from napari_diffcut.pipeline.segmentation import Segmentation
+    from napari_diffcut.pipeline.settings import Progress, Settings
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from napari_diffcut.testing import planted_transition
 from napari_diffcut import ncut_hierarchy
 from napari_diffcut.core.hierarchy import (
     STRUCTURELESS_COST,
@@ -17,6 +16,7 @@ from napari_diffcut.core.hierarchy import (
     otsu_threshold,
 )
 from napari_diffcut.core.walk import walk_affinity
+from napari_diffcut.testing import planted_transition
 
 
 def test_quadrants_are_found(quadrant_transition: np.ndarray, quadrant_regions: np.ndarray) -> None:

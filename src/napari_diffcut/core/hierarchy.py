@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from napari_diffcut.core.errors import check_int, check_threshold
 from napari_diffcut.core.ncut import (
     bipartition,
     fiedler_vector,
     single_thread_blas,
     sweep_cut,
 )
-from napari_diffcut.core.errors import check_int, check_threshold
 
 #: A split whose NCut is at least this is never accepted: a structureless walk
 #: gives NCut = 1 for every split (method.md 3.1), so children are not grown.

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_diffcut.core.ncut import single_thread_blas
 from napari_diffcut.core.errors import check_choice
+from napari_diffcut.core.ncut import single_thread_blas
 
 GRAPHS = ("walk", "similarity")
 

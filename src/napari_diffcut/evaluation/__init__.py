@@ -8,7 +8,7 @@
 - :mod:`~napari_diffcut.evaluation.runner`: :func:`evaluate` any segmenter
   (a callable image -> labels), with per-image JSONL records for resuming.
 
-The command line is ``napari-diffcut evaluate`` (:mod:`napari_diffcut.evaluate`).
+The command line is ``napari-diffcut evaluate`` (:mod:`napari_diffcut.evaluation.command`).
 """
 
 from __future__ import annotations

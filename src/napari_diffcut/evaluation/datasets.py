@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 
 from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.evaluation.metrics import IGNORE
-from napari_diffcut.io import IMAGE_SUFFIXES
+from napari_diffcut.files.io import IMAGE_SUFFIXES
 
 DATASETS = ("coco-stuff-27", "cityscapes", "folder")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
@@ -314,7 +314,7 @@ class Dataset:
 
 def read_labels(path: Path) -> NDArray[Any]:
     """A label image as a 2-D integer array (first channel of an RGB(A) PNG)."""
-    from napari_diffcut.io import read_image
+    from napari_diffcut.files.io import read_image
 
     arr = read_image(path)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):

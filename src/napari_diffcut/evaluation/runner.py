@@ -244,7 +244,7 @@ def iter_evaluate(
 def _run_one(
     dataset: Dataset, predict: Predictor, protocol: Protocol, sample: Any
 ) -> dict[str, Any]:
-    from napari_diffcut.io import read_image
+    from napari_diffcut.files.io import read_image
 
     image = read_image(sample.image)
     truth = dataset.load_truth(sample.mask)
@@ -381,7 +381,7 @@ def evaluate(
     if meta:
         result.update(meta)
     if out is not None:
-        from napari_diffcut.io import write_json
+        from napari_diffcut.files.io import write_json
 
         result["per_image_results"] = str(jsonl_path(out))
         write_json(out, result)

@@ -1,0 +1,128 @@
+"""The diffuse stage: load the model, encode, run the UNet with attention capture.
+
+The UNet runs in a helper thread so that the generator can yield a progress
+event per captured attention layer and stop within one layer when closed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from napari_diffcut.core.errors import DiffCutError
+from napari_diffcut.core.image import latent_grid, resize
+from napari_diffcut.core.walk import aggregate_attention
+from napari_diffcut.pipeline.engine import ModelCache
+from napari_diffcut.pipeline.settings import Progress, Settings
+
+
+def diffuse_stage(
+    rgb: NDArray[np.float32],
+    s: Settings,
+    engine: ModelCache,
+    record: dict[str, Any],
+    image_shape: tuple[int, int] | None = None,
+) -> Generator[Progress, None, tuple[tuple[int, int], NDArray[np.float32]]]:
+    """Load the model, encode, run the UNet with capture, aggregate attention.
+
+    ``image_shape`` is the label image's size when ``rgb`` was shrunk already
+    (it sets the latent grid's aspect); ``s.working_size`` overrides the
+    checkpoint's native working size.
+    """
+    yield Progress("load", 0, 1, f"loading {s.model}")
+    model = engine.model_for(s)
+    latent = (
+        s.working_size // model.vae_scale_factor if s.working_size else model.native_latent
+    )
+    grid = latent_grid(image_shape or rgb.shape[:2], latent)
+    record.update(
+        device_used=str(model.device),
+        dtype_used=str(model.dtype).replace("torch.", ""),
+        working_size=[grid[0] * model.vae_scale_factor, grid[1] * model.vae_scale_factor],
+    )
+    yield Progress("encode", 0, 1, f"VAE encode at {record['working_size']}")
+    from napari_diffcut.attention.diffuse import encode
+
+    work = resize(rgb, tuple(record["working_size"]))
+    latents = encode(model, work)
+    factors = (
+        {f for f, w in s.resolution_weights.items() if w > 0} if s.resolution_weights else None
+    )
+    per_res = yield from _attention_in_thread(model, latents, s, factors)
+    weights = None
+    if s.resolution_weights:
+        weights = {
+            (grid[0] // f, grid[1] // f): w for f, w in s.resolution_weights.items()
+        }
+    record["attention_grids"] = [list(g) for g in sorted(per_res, reverse=True)]
+    return grid, aggregate_attention(per_res, weights)
+
+
+class _Cancelled(Exception):  # noqa: N818 - a private control-flow signal
+    """Raised inside the UNet forward when the consumer closed the generator."""
+
+
+def _attention_in_thread(
+    model: Any, latents: Any, s: Settings, factors: set[int] | None
+) -> Generator[Progress, None, dict[tuple[int, int], NDArray[np.float32]]]:
+    """Run the UNet in a helper thread so that progress can be yielded per layer.
+
+    The helper reports each captured layer through a queue; when the generator
+    is closed, a flag makes the next captured layer raise, which aborts the
+    forward pass within one attention layer.
+    """
+    from napari_diffcut.attention.capture import self_attention_names
+    from napari_diffcut.attention.diffuse import iter_attention
+
+    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+    cancel = threading.Event()
+    n_layers = len(self_attention_names(model.unet))
+    calls = 1 if s.mode == "fast" else s.steps
+
+    def on_layer() -> None:
+        if cancel.is_set():
+            raise _Cancelled
+        events.put(("layer", None))
+
+    def target() -> None:
+        try:
+            gen = iter_attention(
+                model, latents, mode=s.mode, timestep=s.timestep, steps=s.steps,
+                noise=s.noise, seed=s.seed, factors=factors, on_layer=on_layer,
+            )
+            while True:
+                try:
+                    events.put(("step", next(gen)))
+                except StopIteration as stop:
+                    events.put(("done", stop.value))
+                    return
+        except BaseException as exc:  # noqa: BLE001 - relayed to the consumer
+            events.put(("error", exc))
+
+    worker = threading.Thread(target=target, name="napari-diffcut-unet", daemon=True)
+    worker.start()
+    layers = 0
+    try:
+        while True:
+            kind, value = events.get()
+            if kind == "layer":
+                layers += 1
+                yield Progress("diffuse", layers, n_layers * calls,
+                               f"attention layer {layers} of ~{n_layers * calls}")
+            elif kind == "step":
+                yield Progress("diffuse", layers, n_layers * calls,
+                               f"UNet call {value[0]} of {value[1]}")
+            elif kind == "done":
+                return value
+            else:
+                if isinstance(value, _Cancelled):
+                    raise DiffCutError("run cancelled")
+                raise value
+    finally:
+        cancel.set()
+        worker.join()

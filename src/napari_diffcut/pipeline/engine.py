@@ -1,0 +1,73 @@
+"""Keeping a loaded model between runs, and draining progress generators.
+
+:class:`ModelCache` loads the diffusion model on the first diffusion run and
+reloads it only when the model, device, dtype, revision or pickle setting
+changes. :class:`~napari_diffcut.large.dispatch.DiffCutEngine` adds the
+``segment`` methods on top of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from napari_diffcut.pipeline.settings import Progress, Settings
+
+
+class ModelCache:
+    """Keeps a loaded model between runs; one per widget or batch worker.
+
+    The model is loaded on the first diffusion run and reloaded only when the
+    model, device, dtype, revision or pickle setting changes.
+    """
+
+    def __init__(self) -> None:
+        self._model: Any = None
+        self._key: tuple[Any, ...] | None = None
+
+    def model_for(self, settings: Settings) -> Any:
+        """The loaded model for ``settings`` (loading it when needed)."""
+        from napari_diffcut.attention.model import load_model
+
+        s = settings
+        key = (s.model, s.device, s.dtype, s.revision, s.allow_pickle)
+        if self._key != key:
+            self.unload()
+            self._model = load_model(
+                settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                revision=settings.revision,
+                allow_pickle=settings.allow_pickle,
+            )
+            self._key = key
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a model is in memory."""
+        return self._model is not None
+
+    def unload(self) -> None:
+        """Free the model (and GPU memory)."""
+        was_cuda = self._model is not None and self._model.device.type == "cuda"
+        self._model = None
+        self._key = None
+        if was_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def drain(
+    gen: Generator[Progress, None, Any], progress: Callable[[Progress], None] | None = None
+) -> Any:
+    """Run a progress generator to the end, passing events to ``progress``."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(event)
