@@ -69,14 +69,18 @@ def _imports(path: Path, known: set[str]) -> list[tuple[str, int, list[str]]]:
             for alias in node.names:
                 if alias.name.split(".")[0] == PKG:
                     found.append((alias.name, node.lineno, []))
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] == PKG:
-                names = [a.name for a in node.names]
-                subs = [f"{node.module}.{n}" for n in names if f"{node.module}.{n}" in known]
-                found.extend((m, node.lineno, []) for m in subs)
-                rest = [n for n in names if f"{node.module}.{n}" not in known]
-                if rest:
-                    found.append((node.module, node.lineno, rest))
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] == PKG
+        ):
+            names = [a.name for a in node.names]
+            subs = [f"{node.module}.{n}" for n in names if f"{node.module}.{n}" in known]
+            found.extend((m, node.lineno, []) for m in subs)
+            rest = [n for n in names if f"{node.module}.{n}" not in known]
+            if rest:
+                found.append((node.module, node.lineno, rest))
         for child in ast.iter_child_nodes(node):
             visit(child)
 

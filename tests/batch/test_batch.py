@@ -14,19 +14,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_diffcut.batch.runner import (
+from napari_diffcut.batch.jobs import (
     LOG_NAME,
     MANIFEST_NAME,
-    ImageResult,
-    _output_lock,
     find_images,
     output_key,
     output_state,
     plan_jobs,
-    process_image,
-    remove_stale_temporaries,
-    run_batch,
 )
+from napari_diffcut.batch.runner import _output_lock, remove_stale_temporaries, run_batch
+from napari_diffcut.batch.work import ImageResult, process_image
 from napari_diffcut.cli.main import main
 from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.files.io import read_image

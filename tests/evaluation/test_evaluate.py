@@ -16,6 +16,7 @@ import tifffile
 from napari_diffcut.cli.main import main
 from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.evaluation import datasets as ds
+from napari_diffcut.evaluation import protocols as pr
 from napari_diffcut.evaluation.metrics import (
     confusion_histogram,
     hungarian_counts,
@@ -219,7 +220,7 @@ def test_instance_counts_exact() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["napari_diffcut.evaluation.metrics", "napari_diffcut.evaluation.datasets"]
+    "module", ["napari_diffcut.evaluation.metrics", "napari_diffcut.evaluation.protocols"]
 )
 def test_doctests(module: str) -> None:
     import doctest
@@ -233,12 +234,12 @@ def test_doctests(module: str) -> None:
 
 
 def test_crop_boxes_follow_the_peers() -> None:
-    assert ds.crop_box((480, 640), "diffseg") == (0, 80, 480)
-    assert ds.crop_box((640, 480), "diffseg") == (80, 0, 480)
+    assert pr.crop_box((480, 640), "diffseg") == (0, 80, 480)
+    assert pr.crop_box((640, 480), "diffseg") == (80, 0, 480)
     # torchvision CenterCrop(min - 1): round half to even.
-    assert ds.crop_box((480, 640), "diffcut") == (0, 80, 479)  # round(80.5) == 80
-    assert ds.crop_box((480, 643), "diffcut") == (0, 82, 479)  # round(82.0)
-    assert ds.crop_box((480, 642), "diffcut") == (0, 82, 479)  # round(81.5) == 82
+    assert pr.crop_box((480, 640), "diffcut") == (0, 80, 479)  # round(80.5) == 80
+    assert pr.crop_box((480, 643), "diffcut") == (0, 82, 479)  # round(82.0)
+    assert pr.crop_box((480, 642), "diffcut") == (0, 82, 479)  # round(81.5) == 82
 
 
 def test_resizes_match_torch() -> None:
@@ -249,9 +250,9 @@ def test_resizes_match_torch() -> None:
     t = torch.from_numpy(labels[None, None].astype(np.float32))
     for size in (16, 64):
         ref = F.interpolate(t, size=(size, size), mode="nearest-exact")[0, 0].numpy()
-        np.testing.assert_array_equal(ds.resize_nearest(labels, size, "exact"), ref)
+        np.testing.assert_array_equal(pr.resize_nearest(labels, size, "exact"), ref)
         ref = F.interpolate(t, size=(size, size), mode="nearest")[0, 0].numpy()
-        np.testing.assert_array_equal(ds.resize_nearest(labels, size, "floor"), ref)
+        np.testing.assert_array_equal(pr.resize_nearest(labels, size, "floor"), ref)
     image = rng.random((37, 37, 3)).astype(np.float32)
     ti = torch.from_numpy(image.transpose(2, 0, 1)[None])
     for size in (16, 64):
@@ -262,25 +263,25 @@ def test_resizes_match_torch() -> None:
             .numpy()
             .transpose(1, 2, 0)
         )
-        np.testing.assert_allclose(ds.resize_bilinear(image, size), ref, atol=1e-5)
-    as_uint8 = ds.resize_bilinear((image * 255).astype(np.uint8), 16)
+        np.testing.assert_allclose(pr.resize_bilinear(image, size), ref, atol=1e-5)
+    as_uint8 = pr.resize_bilinear((image * 255).astype(np.uint8), 16)
     assert as_uint8.dtype == np.uint8
 
 
 def test_prepare_diffcut_protocol_sizes() -> None:
     image = np.zeros((30, 40, 3), np.uint8)
     truth = np.arange(30 * 40).reshape(30, 40) % 7
-    p = ds.Protocol("diffcut", "diffcut", 64, 16)
-    img, lab = ds.prepare(image, truth, p)
+    p = pr.Protocol("diffcut", "diffcut", 64, 16)
+    img, lab = pr.prepare(image, truth, p)
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
     assert lab.shape == (16, 16)
-    assert ds.score_labels(np.zeros((64, 64), int), p).shape == (16, 16)
-    assert ds.make_protocol("diffseg", input_size=256).score_size == 256
+    assert pr.score_labels(np.zeros((64, 64), int), p).shape == (16, 16)
+    assert pr.make_protocol("diffseg", input_size=256).score_size == 256
     # DiffCut scores at 128 whatever its input size (eval_diffcut.py mask_size).
-    assert ds.make_protocol("diffcut", input_size=512).score_size == 128
-    assert ds.make_protocol("diffcut", score_size=64).input_size == 1024
+    assert pr.make_protocol("diffcut", input_size=512).score_size == 128
+    assert pr.make_protocol("diffcut", score_size=64).input_size == 1024
     with pytest.raises(ValueError, match="protocol"):
-        ds.make_protocol("nope")
+        pr.make_protocol("nope")
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -441,7 +442,7 @@ def _colour_predictor(
 def test_resume_after_interruption_equals_clean_run(tmp_path: Path) -> None:
     _folder_root(tmp_path / "data", 5)
     d = ds.folder(tmp_path / "data", instances=True)
-    p = ds.make_protocol("native")
+    p = pr.make_protocol("native")
     clean = evaluate(d, _colour_predictor([]), p, out=tmp_path / "clean.json", config={"k": 1})
     assert clean["n_images"] == 5 and clean["complete"]
     assert clean["miou"] == pytest.approx(1.0) and clean["instances"]["object_f1"] == pytest.approx(
@@ -484,7 +485,7 @@ def test_semantic_folder_scores_exactly(tmp_path: Path) -> None:
     _folder_root(tmp_path / "data", 2)
     # Mask values 0..3; with 2 classes, 2 and 3 are out of range, hence unlabelled.
     d = ds.folder(tmp_path / "data", n_class=2)
-    res = evaluate(d, _colour_predictor([]), ds.make_protocol("native"))
+    res = evaluate(d, _colour_predictor([]), pr.make_protocol("native"))
     # Background is one grey level, the squares another: class 1 (first square)
     # matches the squares' segment, whose other pixels are unlabelled.
     assert res["miou"] == pytest.approx(1.0)
@@ -627,8 +628,8 @@ def test_cli_cityscapes_layout_tiny_model(tmp_path: Path, tiny_model: Path) -> N
     hist = np.asarray(first["hist"])
     d = ds.cityscapes(tmp_path / "cs")
     image = iio.imread(d.samples[0].image)
-    _, truth = ds.prepare(
-        image, d.load_truth(d.samples[0].mask), ds.make_protocol("diffcut", 128, 32)
+    _, truth = pr.prepare(
+        image, d.load_truth(d.samples[0].mask), pr.make_protocol("diffcut", 128, 32)
     )
     assert truth.shape == (32, 32)
     assert hist.shape[0] == 27 and hist.sum() == first["labelled"] == np.count_nonzero(truth < 27)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import napari_diffcut
-from napari_diffcut import store
 from napari_diffcut.core.errors import DiffCutError
+from napari_diffcut.files import store
 from napari_diffcut.pipeline.segmentation import Segmentation
+from napari_diffcut.results.store import read_result
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_saved_file_holds_levels_edits_and_version(seg: Segmentation, tmp_path: 
     path = store.save(
         seg, tmp_path / "x", labels=edited, layer={"source": "cells", "scale": [2.0, 0.5]}
     )
-    result = store.read_result(path)
+    result = read_result(path)
     np.testing.assert_array_equal(result.labels, edited)
     assert result.version == napari_diffcut.__version__
     assert result.layer == {"source": "cells", "scale": [2.0, 0.5]}
@@ -119,7 +120,7 @@ def test_resave_replaces_only_our_store(seg: Segmentation, tmp_path: Path) -> No
     edited = seg.labels.copy()
     edited[0, 0] = 5
     assert store.save(seg, path, labels=edited) == path
-    assert store.read_result(path).labels[0, 0] == 5
+    assert read_result(path).labels[0, 0] == 5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
     with pytest.raises(DiffCutError, match="overwrite=True"):
         store.save(seg, path, overwrite=False)
@@ -266,7 +267,7 @@ def test_consolidated_metadata_cannot_bypass_the_checks(
         lambda m: m["consolidated_metadata"]["metadata"]["labels"].update(data_type="float32"),
     )
     # The checked metadata (labels/zarr.json) is what the data is decoded with.
-    np.testing.assert_array_equal(store.read_result(path).labels, seg.labels)
+    np.testing.assert_array_equal(read_result(path).labels, seg.labels)
 
 
 def test_forged_shape_is_refused_before_decoding(saved: Path, tmp_path: Path) -> None:

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 import napari_diffcut
-from napari_diffcut import store
 from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.pipeline.segmentation import Segmentation
 from napari_diffcut.plugin.layers import result_layer_data
 from napari_diffcut.plugin.reader import get_reader, read_layers
 from napari_diffcut.plugin.writer import write_labels_layer
 from napari_diffcut.results.editing import LabelTree
+from napari_diffcut.results.store import read_result
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_napari_opens_and_saves_through_the_manifest(seg: Segmentation, tmp_path
         str(tmp_path / "again.diffcut.zarr"), selected=True, plugin="napari-diffcut"
     )
     assert out == [str(tmp_path / "again.diffcut.zarr")]
-    back = store.read_result(out[0])
+    back = read_result(out[0])
     assert np.all(back.labels[:2, :2] == 77)
     assert_same_tree(back.segmentation, seg)
     # Plain label TIFFs for other tools: napari's own writer still takes our layers.

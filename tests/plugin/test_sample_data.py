@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_diffcut import _sample_data
+from napari_diffcut.plugin import sample_data as _sample_data
 from napari_diffcut.plugin.sample_data import (
     blood_smear,
     fluorescence_nuclei,

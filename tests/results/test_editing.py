@@ -253,7 +253,7 @@ def test_labels_too_narrow_for_children_are_widened() -> None:
 def test_docstring_examples() -> None:
     import doctest
 
-    from napari_diffcut import editing, export
+    from napari_diffcut.results import editing, export
 
     for module in (editing, export):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -28,7 +28,7 @@ PROG = "napari-diffcut"
 #: Subcommands living in other modules: name -> module with ``add_parser(subparsers)``
 #: returning the parser, whose ``func`` default runs the command.
 EXTRA_COMMANDS: dict[str, str] = {
-    "batch": "napari_diffcut.batch.runner",
+    "batch": "napari_diffcut.batch.command",
     "evaluate": "napari_diffcut.evaluation.command",
 }
 
@@ -83,8 +83,7 @@ def _segment_command(args: argparse.Namespace) -> int:
 
 def _check_levels_possible(image: Any, settings: Any) -> None:
     """``--levels`` needs one tree: a 2-D image in downscale mode."""
-    from napari_diffcut.large.sources import ImageSource, is_multiscale
-    from napari_diffcut.large.sources import is_tiled
+    from napari_diffcut.large.sources import ImageSource, is_multiscale, is_tiled
 
     first = image[0] if is_multiscale(image) else image
     try:

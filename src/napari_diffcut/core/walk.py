@@ -7,7 +7,7 @@ stationary-distribution symmetrisation "S1"), 3.2 (power walk P^k) and 4 B
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from numpy.typing import NDArray
@@ -146,13 +146,86 @@ def default_weights(grids: list[tuple[int, int]]) -> dict[tuple[int, int], float
     return {g: g[0] / total for g in grids}
 
 
+def default_factor_weights(factors: Collection[int]) -> dict[int, float]:
+    """DiffSeg's side-proportional rule by downsampling factor: ``w_f`` proportional to ``1/f``.
+
+    The same rule as :func:`default_weights`, for the factors a model has:
+    SD 1.x/2.x (factors 1, 2, 4, 8) get 0.533/0.267/0.133/0.067, SDXL-class
+    UNets (factors 2, 4) 0.667/0.333 (method.md 2.4).
+
+    Examples
+    --------
+    >>> default_factor_weights([2, 4])
+    {2: 0.6666666666666666, 4: 0.3333333333333333}
+    """
+    inverse = {int(f): 1.0 / int(f) for f in sorted(set(factors))}
+    total = sum(inverse.values())
+    return {f: v / total for f, v in inverse.items()}
+
+
+def check_resolution_weights(
+    weights: Mapping[int, float] | None, factors: Collection[int]
+) -> dict[int, float]:
+    """Validate per-factor resolution weights against the factors a model really has.
+
+    Parameters
+    ----------
+    weights : mapping of int to float, optional
+        Downsampling factor (1 = latent grid, 2, 4, 8) to weight; None: the
+        default of :func:`default_factor_weights`.
+    factors : collection of int
+        Factors at which the model has self-attention (SD 1.5: 1, 2, 4, 8;
+        SDXL: 2, 4).
+
+    Returns
+    -------
+    dict of int to float
+        Weights for exactly ``factors`` (absent ones 0), not normalised.
+
+    Raises
+    ------
+    ValueError
+        A positive weight on a factor the model has no self-attention at, a
+        negative weight, or no positive weight left.
+
+    Examples
+    --------
+    >>> check_resolution_weights({1: 0.0, 2: 1.0}, [2, 4])
+    {2: 1.0, 4: 0.0}
+    """
+    have = sorted({int(f) for f in factors})
+    if not have:
+        raise ValueError("the model has no self-attention grids")
+    if weights is None:
+        return default_factor_weights(have)
+    w = {int(f): float(v) for f, v in dict(weights).items()}
+    if any(v < 0 or not np.isfinite(v) for v in w.values()):
+        raise ValueError(f"resolution weights must be finite and >= 0, got {w}")
+    missing = sorted(f for f, v in w.items() if v > 0 and f not in have)
+    if missing:
+        raise ValueError(
+            f"resolution_weights give weight to factor(s) {missing}, but this model has "
+            f"self-attention only at downsampling factor(s) {have} of the latent grid; "
+            "use those factors (weight 0 for the others)"
+        )
+    out = {f: w.get(f, 0.0) for f in have}
+    if sum(out.values()) <= 0:
+        raise ValueError(
+            f"resolution_weights {w} give no positive weight to any factor this model has "
+            f"self-attention at ({have})"
+        )
+    return out
+
+
 def aggregate_attention(
     per_resolution: Mapping[tuple[int, int], NDArray[np.float32]],
     weights: Mapping[tuple[int, int], float] | None = None,
+    *,
+    fine_grid: tuple[int, int] | None = None,
 ) -> NDArray[np.float32]:
     """Combine per-resolution attention into one row-stochastic matrix P.
 
-    ``P = sum_l w_l lift(A_l) / sum_l w_l`` on the finest grid (method.md 2.4,
+    ``P = sum_l w_l lift(A_l) / sum_l w_l`` on the fine grid (method.md 2.4,
     step 3). A convex combination of row-stochastic matrices is row-stochastic.
 
     Parameters
@@ -160,18 +233,34 @@ def aggregate_attention(
     per_resolution : mapping of (h, w) to ndarray (h*w, h*w)
         Head- and layer-averaged attention per grid.
     weights : mapping of (h, w) to float, optional
-        Non-negative weights; default proportional to the grid side.
+        Non-negative weights; default proportional to the grid side. A positive
+        weight on a grid that ``per_resolution`` lacks is an error.
+    fine_grid : (H, W), optional
+        Grid to lift onto: the patch grid the caller segments on (the engine's
+        grid). Default: the finest grid in ``per_resolution``. Every captured
+        grid must divide it by one integer factor.
 
     Returns
     -------
     ndarray of float32, shape (N, N)
-        With ``N = H*W`` of the finest grid.
+        With ``N = H*W`` of the fine grid.
+
+    Raises
+    ------
+    ValueError
+        Empty input, bad weights, or a grid that does not divide ``fine_grid``.
     """
     if not per_resolution:
         raise ValueError("per_resolution is empty: no self-attention was captured")
     grids = sorted(per_resolution, key=lambda g: g[0] * g[1], reverse=True)
-    fine = grids[0]
+    fine = (int(fine_grid[0]), int(fine_grid[1])) if fine_grid is not None else grids[0]
     weights = dict(weights) if weights else default_weights(grids)
+    absent = sorted(g for g, v in weights.items() if v > 0 and g not in per_resolution)
+    if absent:
+        raise ValueError(
+            f"resolution weights name grid(s) {absent} where no attention was captured; "
+            f"captured grids: {grids}"
+        )
     used = {g: float(weights.get(g, 0.0)) for g in grids}
     if any(v < 0 for v in used.values()) or sum(used.values()) <= 0:
         raise ValueError(f"resolution weights must be >= 0 with a positive sum, got {used}")
@@ -183,7 +272,7 @@ def aggregate_attention(
             continue
         (h, w) = g
         if g == fine:
-            # lift of the finest grid = its rows renormalised: total += s * A / rowsum.
+            # lift of the fine grid = its rows renormalised: total += s * A / rowsum.
             a = np.asarray(per_resolution[g], np.float32)
             sums = a.sum(axis=1, keepdims=True)
             sums[sums <= 0] = 1

@@ -13,15 +13,7 @@ The command line is ``napari-diffcut evaluate`` (:mod:`napari_diffcut.evaluation
 
 from __future__ import annotations
 
-from napari_diffcut.evaluation.datasets import (
-    PROTOCOLS,
-    Dataset,
-    Protocol,
-    cityscapes,
-    coco_stuff_27,
-    folder,
-    make_protocol,
-)
+from napari_diffcut.evaluation.datasets import Dataset, cityscapes, coco_stuff_27, folder
 from napari_diffcut.evaluation.metrics import (
     confusion_histogram,
     hungarian_counts,
@@ -29,6 +21,7 @@ from napari_diffcut.evaluation.metrics import (
     instance_counts,
     scores,
 )
+from napari_diffcut.evaluation.protocols import PROTOCOLS, Protocol, make_protocol
 from napari_diffcut.evaluation.runner import evaluate, iter_evaluate
 
 __all__ = [

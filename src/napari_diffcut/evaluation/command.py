@@ -25,7 +25,8 @@ from napari_diffcut.pipeline.options import UserError, add_segment_options, sett
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand to the CLI's subparsers."""
-    from napari_diffcut.evaluation.datasets import DATASETS, PROTOCOLS
+    from napari_diffcut.evaluation.datasets import DATASETS
+    from napari_diffcut.evaluation.protocols import PROTOCOLS
 
     p = subparsers.add_parser(
         "evaluate",
@@ -161,7 +162,7 @@ def _pct(x: float | None) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The printed summary of a results dict (percentages, as the papers print them)."""
-    from napari_diffcut.evaluation.datasets import Protocol, protocol_summary
+    from napari_diffcut.evaluation.protocols import Protocol, protocol_summary
 
     p = Protocol(**result["protocol"])
     lines = [
@@ -218,7 +219,7 @@ def _progress_printer(quiet: bool) -> Any:
 def _evaluate_command(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from napari_diffcut.evaluation.datasets import make_protocol
+    from napari_diffcut.evaluation.protocols import make_protocol
     from napari_diffcut.evaluation.runner import evaluate
     from napari_diffcut.large.dispatch import DiffCutEngine
 

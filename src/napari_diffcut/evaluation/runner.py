@@ -25,13 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_diffcut.core.errors import DiffCutError
-from napari_diffcut.evaluation.datasets import (
-    Dataset,
-    Protocol,
-    prepare,
-    score_labels,
-    semantic_truth,
-)
+from napari_diffcut.evaluation.datasets import Dataset, semantic_truth
 from napari_diffcut.evaluation.metrics import (
     MatchCounts,
     confusion_histogram,
@@ -41,6 +35,7 @@ from napari_diffcut.evaluation.metrics import (
     scores,
     total_counts,
 )
+from napari_diffcut.evaluation.protocols import Protocol, prepare, score_labels
 
 #: Bumped when the JSONL records change meaning (old files are then refused).
 FORMAT = 1
