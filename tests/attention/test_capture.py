@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,22 +9,53 @@ torch = pytest.importorskip("torch")
 
 from napari_diffcut.attention.capture import (  # noqa: E402
     AttentionSink,
+    attention_factors,
     capture_self_attention,
+    self_attention_factors,
     self_attention_names,
 )
 from napari_diffcut.attention.model import load_model  # noqa: E402
 
+#: Fixture of each tiny family, and the downsampling factors its UNet has self-attention at.
+FAMILIES = {
+    "tiny": ("tiny_model", (1, 2, 4)),
+    "tiny-sd2": ("tiny_sd2_model", (1, 2, 4)),
+    "tiny-sdxl": ("tiny_sdxl_model", (2, 4)),
+    "tiny-ssd1b": ("tiny_ssd1b_model", (2, 4)),
+}
+
 
 def _unet_inputs(model, latent_hw: tuple[int, int], seed: int = 0):
+    """Latent, timestep and the conditioning keywords (SDXL: pooled embedding, time ids)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((1, 4, *latent_hw), generator=gen)
-    return x, torch.tensor([300]), model.empty_embedding
+    return x, torch.tensor([300]), model.unet_kwargs(latent_hw)
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-sd2"])
-def loaded(request: pytest.FixtureRequest, tiny_model: Path, tiny_sd2_model: Path):
-    path = tiny_model if request.param == "tiny" else tiny_sd2_model
-    return load_model(str(path), device="cpu")
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def loaded(request: pytest.FixtureRequest):
+    path = request.getfixturevalue(FAMILIES[request.param][0])
+    model = load_model(str(path), device="cpu")
+    model.fixture_name = request.param
+    return model
+
+
+def _finest(loaded) -> int:
+    return FAMILIES[loaded.fixture_name][1][0]
+
+
+def test_attention_factors_from_the_module_tree(loaded) -> None:
+    expected = FAMILIES[loaded.fixture_name][1]
+    assert attention_factors(loaded.unet) == expected == loaded.attention_factors
+    per_layer = self_attention_factors(loaded.unet)
+    assert set(per_layer) == set(self_attention_names(loaded.unet))
+    mid = [n for n in per_layer if n.startswith("mid_block.")]
+    if loaded.fixture_name == "tiny-ssd1b":
+        assert not mid  # the distilled layout: no attention in the mid block
+    else:
+        assert mid and {per_layer[n] for n in mid} == {expected[-1]}
+    assert loaded.patch_factor == expected[0]
+    assert loaded.patch_size == 8 * expected[0]
 
 
 @pytest.mark.parametrize("latent_hw", [(32, 32), (24, 40)])
@@ -37,13 +66,13 @@ def test_output_equals_default_processor(loaded, latent_hw: tuple[int, int]) -> 
     unet.set_attn_processor(AttnProcessor2_0())
     x, t, emb = _unet_inputs(loaded, latent_hw)
     with torch.no_grad():
-        reference = unet(x, t, encoder_hidden_states=emb).sample
+        reference = unet(x, t, **emb).sample
         sink = AttentionSink(latent_hw)
         with capture_self_attention(unet, sink):
-            captured = unet(x, t, encoder_hidden_states=emb).sample
+            captured = unet(x, t, **emb).sample
     torch.testing.assert_close(captured, reference, atol=1e-5, rtol=1e-5)
     h, w = latent_hw
-    assert set(sink.sums) == {(h, w), (h // 2, w // 2), (h // 4, w // 4)}
+    assert set(sink.sums) == {(h // f, w // f) for f in FAMILIES[loaded.fixture_name][1]}
     for (gh, gw), mean in sink.means().items():
         assert mean.shape == (gh * gw, gh * gw)
         np.testing.assert_allclose(mean.sum(-1).numpy(), 1.0, atol=1e-5)
@@ -56,7 +85,7 @@ def test_head_chunking_gives_same_probabilities(loaded) -> None:
     for chunk in (1 << 30, 1):  # all heads at once vs one head at a time
         sink = AttentionSink((32, 32), chunk_bytes=chunk)
         with torch.no_grad(), capture_self_attention(loaded.unet, sink):
-            loaded.unet(x, t, encoder_hidden_states=emb)
+            loaded.unet(x, t, **emb)
         sinks.append(sink.means())
     for grid in sinks[0]:
         torch.testing.assert_close(sinks[0][grid], sinks[1][grid], atol=1e-6, rtol=1e-5)
@@ -66,7 +95,8 @@ def test_probabilities_match_explicit_softmax(loaded) -> None:
     """With one layer captured, the sink holds softmax(q k^T / sqrt(d)) averaged over heads."""
     unet = loaded.unet
     names = self_attention_names(unet)
-    name = names[0]
+    f = _finest(loaded)  # the first layer at the finest grid the family has
+    name = next(n for n in names if self_attention_factors(unet)[n] == f)
     module = unet.get_submodule(name.rsplit(".processor", 1)[0])
     seen = {}
 
@@ -75,7 +105,7 @@ def test_probabilities_match_explicit_softmax(loaded) -> None:
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     x, t, emb = _unet_inputs(loaded, (32, 32))
-    sink = AttentionSink((32, 32), factors={1})
+    sink = AttentionSink((32, 32), factors={f})
     original = dict(unet.attn_processors)
     try:
         with torch.no_grad(), capture_self_attention(unet, sink):
@@ -83,17 +113,18 @@ def test_probabilities_match_explicit_softmax(loaded) -> None:
             unet.set_attn_processor(
                 {n: (capturing[n] if n == name else original[n]) for n in capturing}
             )
-            unet(x, t, encoder_hidden_states=emb)
+            unet(x, t, **emb)
     finally:
         handle.remove()
-    assert len(names) > 1 and sink.counts == {(32, 32): 1}
+    grid = (32 // f, 32 // f)
+    assert len(names) > 1 and sink.counts == {grid: 1}
     hs = seen["hidden"]
     heads, dim = module.heads, hs.shape[-1] // module.heads
     with torch.no_grad():
         q = module.to_q(hs).view(1, -1, heads, dim).transpose(1, 2)
         k = module.to_k(hs).view(1, -1, heads, dim).transpose(1, 2)
         probs = torch.softmax(q @ k.transpose(-1, -2) / dim**0.5, -1).mean(1)[0]
-    torch.testing.assert_close(sink.means()[(32, 32)], probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sink.means()[grid], probs, atol=1e-5, rtol=1e-4)
 
 
 def test_only_attn1_swapped_and_restored(loaded) -> None:
@@ -122,17 +153,17 @@ def test_processors_restored_after_error(loaded) -> None:
 
     sink.on_layer = boom
     with pytest.raises(KeyboardInterrupt), torch.no_grad(), capture_self_attention(unet, sink):
-        unet(x, t, encoder_hidden_states=emb)
+        unet(x, t, **emb)
     after = unet.attn_processors
     assert all(after[n] is before[n] for n in before)
 
 
 def test_factor_selection_skips_layers(loaded) -> None:
     x, t, emb = _unet_inputs(loaded, (32, 32))
-    sink = AttentionSink((32, 32), factors={2})
+    sink = AttentionSink((32, 32), factors={4})
     with torch.no_grad(), capture_self_attention(loaded.unet, sink):
-        loaded.unet(x, t, encoder_hidden_states=emb)
-    assert set(sink.sums) == {(16, 16)}
+        loaded.unet(x, t, **emb)
+    assert set(sink.sums) == {(8, 8)}
 
 
 def test_grid_for_rejects_impossible_token_counts() -> None:

@@ -17,7 +17,7 @@ from qtpy.QtCore import QTimer
 import napari_diffcut.attention.model as model_mod
 import napari_diffcut.large.dispatch as engine_mod
 from napari_diffcut.plugin.layers import LAYER_KEY
-from napari_diffcut.plugin.widget import DiffCutWidget, parse_channels
+from napari_diffcut.plugin.widget import DiffCutWidget
 
 RUN_TIMEOUT_MS = 120_000
 
@@ -344,7 +344,7 @@ def test_failure_while_adding_layers_is_reported(
     def no_memory(*_args: Any) -> Any:
         raise MemoryError("no room for the levels")
 
-    monkeypatch.setattr(widget_mod, "apply_result_layers", no_memory)
+    monkeypatch.setattr(widget_mod, "plan_result_layers", no_memory)
     viewer, widget = docked
     viewer.add_image(np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1)), name="ramp")
     widget.backbone_combo.value = "pixels"
@@ -388,10 +388,3 @@ def test_picker_follows_active_layer_and_nd_note(docked: tuple[Any, DiffCutWidge
     assert "renamed" in [c.name for c in widget.image_combo.choices if c is not None]
     viewer.layers.remove("renamed")
     assert widget.image_combo.value.name == a.name
-
-
-def test_parse_channels() -> None:
-    assert parse_channels("") is None
-    assert parse_channels(" 0, 2,1 ") == (0, 2, 1)
-    with pytest.raises(ValueError, match="channels must be"):
-        parse_channels("0;1")

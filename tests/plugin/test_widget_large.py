@@ -22,7 +22,8 @@ from napari_diffcut.large.tiling import TiledSegmentation
 from napari_diffcut.pipeline.segmentation import LazySegmentation
 from napari_diffcut.pipeline.settings import Progress, Settings
 from napari_diffcut.plugin.layers import LAYER_KEY, is_edited
-from napari_diffcut.plugin.scripting import layer_defaults, recut_layer, segment_layer
+from napari_diffcut.plugin.scripting import recut_layer, segment_layer
+from napari_diffcut.plugin.take import layer_defaults
 from napari_diffcut.plugin.widget import DiffCutWidget
 
 RUN_TIMEOUT_MS = 120_000

@@ -18,3 +18,29 @@ so load it lazily (inside the function that needs it).
 
 from __future__ import annotations
 
+from napari_diffcut.accel.ncut import bipartition_torch
+from napari_diffcut.accel.tree import build_tree_torch, iter_ncut_tree_torch, ncut_hierarchy_torch
+from napari_diffcut.accel.upsample import region_maps_torch, soft_upsample_torch
+from napari_diffcut.accel.walk import (
+    aggregate_attention_torch,
+    build_affinity_torch,
+    power_walk_torch,
+    similarity_affinity_torch,
+    stationary_distribution_torch,
+    walk_affinity_torch,
+)
+
+__all__ = [
+    "aggregate_attention_torch",
+    "bipartition_torch",
+    "build_affinity_torch",
+    "build_tree_torch",
+    "iter_ncut_tree_torch",
+    "ncut_hierarchy_torch",
+    "power_walk_torch",
+    "region_maps_torch",
+    "similarity_affinity_torch",
+    "soft_upsample_torch",
+    "stationary_distribution_torch",
+    "walk_affinity_torch",
+]

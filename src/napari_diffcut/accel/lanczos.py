@@ -45,6 +45,8 @@ import torch
 BASIS = 48
 #: Ritz vectors kept at a thick restart.
 KEEP = 16
+#: Columns expanded between two convergence tests.
+CHECK_EVERY = 8
 #: Most restart cycles.
 MAX_CYCLES = 100
 #: Relative norm below which a new basis vector is a breakdown (exhausted space).
@@ -87,8 +89,7 @@ class DeflatedBlocks:
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``D^-1/2 W D^-1/2 x`` per block, W's dtype inside, float64 out."""
-        y = torch.bmm(self.blocks, (self.inv_sqrt * x).to(self.blocks.dtype).unsqueeze(-1))
-        return self.inv_sqrt * y.squeeze(-1).to(torch.float64)
+        return self.inv_sqrt * block_product(self.blocks, self.inv_sqrt * x)
 
     def deflate(self, x: torch.Tensor) -> torch.Tensor:
         """``x - q (q . x)`` per block."""
@@ -97,6 +98,21 @@ class DeflatedBlocks:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The deflated operator ``A x`` (x is kept orthogonal to q)."""
         return self.deflate(self.product(x))
+
+
+def block_product(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``W_b x_b`` for every block: products in W's dtype, float64 out.
+
+    One batched product on accelerators. On the CPU, one matrix-vector
+    product per block: torch's CPU ``bmm`` with a vector operand is 3-10x
+    slower than a loop of ``mv`` (benchmarks/bench_accel.py).
+    """
+    xw = x.to(blocks.dtype)
+    if blocks.device.type != "cpu":
+        return torch.bmm(blocks, xw.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    return torch.stack([torch.mv(blocks[b], xw[b]) for b in range(blocks.shape[0])]).to(
+        torch.float64
+    )
 
 
 def top_eigenvectors(
@@ -143,11 +159,14 @@ def top_eigenvectors(
     out_cycles = torch.zeros(n_blocks, dtype=torch.int64)
     active = torch.arange(n_blocks)
     state = _initial_state(op, start, m)
-    for cycle in range(1, max_cycles + 1):
-        _expand(op, state)
-        ritz_val, ritz_vec, residual = _ritz(state)
+    cycle = 1
+    while True:
+        # Expand a few columns, then test (one host sync and small eigh per test).
+        k = min(state.first + CHECK_EVERY, m)
+        _expand(op, state, k)
+        ritz_val, ritz_vec, residual = _ritz(state, k)
         done = residual <= tol * ritz_val[:, -1].abs().clamp(min=1e-3)
-        if cycle == max_cycles or keep == 0:
+        if k == m and (cycle == max_cycles or keep == 0):
             done[:] = True
         finished = torch.nonzero(done).flatten()
         if finished.numel():
@@ -158,9 +177,14 @@ def top_eigenvectors(
         remaining = torch.nonzero(~done).flatten()
         if not remaining.numel():
             break
-        op = op.select(remaining.to(dev))
-        active = active[remaining]
-        state = _restart(state, ritz_val, ritz_vec, remaining, keep)
+        if remaining.numel() < len(active):  # converged blocks leave the batch
+            op = op.select(remaining.to(dev))
+            state = state.select(remaining.to(dev))
+            ritz_val, ritz_vec = ritz_val[remaining], ritz_vec[remaining]
+            active = active[remaining]
+        if k == m:
+            state = _restart(state, ritz_val, ritz_vec, keep)
+            cycle += 1
     # Clean the last rounding off the deflation and the norm (as core.ncut.fiedler_vector).
     out_vec = full.deflate(out_vec)
     out_vec = out_vec / torch.linalg.vector_norm(out_vec, dim=-1, keepdim=True)
@@ -171,11 +195,17 @@ def top_eigenvectors(
 class _State:
     """Krylov decomposition ``A V = V H + f e^T`` of a batch (B blocks)."""
 
-    basis: torch.Tensor  # (m + 1, B, s) float64; row m holds the normalised residual
+    basis: torch.Tensor  # (B, m + 1, s) float64; row m holds the normalised residual
     proj: torch.Tensor  # (B, m, m) float64, upper triangle filled by Gram-Schmidt
     alive: torch.Tensor  # (B, m + 1) bool: basis vector is nonzero
     beta: torch.Tensor  # (B,) norm of the residual f
     first: int  # first column still to expand
+
+    def select(self, rows: torch.Tensor) -> _State:
+        """The state of the given batch rows."""
+        return _State(
+            self.basis[rows], self.proj[rows], self.alive[rows], self.beta[rows], self.first
+        )
 
 
 def _initial_state(op: DeflatedBlocks, start: torch.Tensor, m: int) -> _State:
@@ -184,8 +214,8 @@ def _initial_state(op: DeflatedBlocks, start: torch.Tensor, m: int) -> _State:
     dev = start.device
     v = op.deflate(start.to(torch.float64))
     v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    basis = torch.zeros((m + 1, n_blocks, size), dtype=torch.float64, device=dev)
-    basis[0] = v
+    basis = torch.zeros((n_blocks, m + 1, size), dtype=torch.float64, device=dev)
+    basis[:, 0] = v
     alive = torch.zeros((n_blocks, m + 1), dtype=torch.bool, device=dev)
     alive[:, 0] = True
     proj = torch.zeros((n_blocks, m, m), dtype=torch.float64, device=dev)
@@ -193,42 +223,42 @@ def _initial_state(op: DeflatedBlocks, start: torch.Tensor, m: int) -> _State:
     return _State(basis, proj, alive, beta, 0)
 
 
-def _expand(op: DeflatedBlocks, state: _State) -> None:
-    """Arnoldi steps (= Lanczos with full reorthogonalisation) up to the basis size.
+def _expand(op: DeflatedBlocks, state: _State, stop: int) -> None:
+    """Arnoldi steps (= Lanczos with full reorthogonalisation) up to column ``stop``.
 
     Step j: ``w = A v_j``; classical Gram-Schmidt against ``v_0..v_j`` twice,
     the coefficients summed into column j of H; ``v_{j+1} = w / |w|``, or a dead
     (zero) vector when ``|w|`` collapsed (exhausted Krylov space). No host sync.
     """
     basis, proj = state.basis, state.proj
-    m = proj.shape[-1]
-    for j in range(state.first, m):
-        w = op.apply(basis[j])
+    for j in range(state.first, stop):
+        w = op.apply(basis[:, j])
         norm0 = torch.linalg.vector_norm(w, dim=-1)
-        prev = basis[: j + 1]
+        prev = basis[:, : j + 1]  # (B, j + 1, s)
         for _ in range(2):
-            coef = torch.einsum("kbs,bs->bk", prev, w)
-            w = op.deflate(w - torch.einsum("bk,kbs->bs", coef, prev))
-            proj[:, : j + 1, j] += coef
+            coef = torch.bmm(prev, w.unsqueeze(-1))  # (B, j + 1, 1): V^T w
+            w = op.deflate(w - torch.bmm(coef.transpose(1, 2), prev).squeeze(1))
+            proj[:, : j + 1, j] += coef.squeeze(-1)
         beta = torch.linalg.vector_norm(w, dim=-1)
         ok = (beta > BREAKDOWN * norm0) & state.alive[:, j]
         safe = torch.where(ok, beta, torch.ones_like(beta))
-        basis[j + 1] = torch.where(ok[:, None], w / safe[:, None], torch.zeros_like(w))
+        basis[:, j + 1] = torch.where(ok[:, None], w / safe[:, None], torch.zeros_like(w))
         state.alive[:, j + 1] = ok
         state.beta = torch.where(ok, beta, torch.zeros_like(beta))
-    state.first = m
+    state.first = stop
 
 
-def _ritz(state: _State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ritz(state: _State, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ritz values (ascending), vectors of H and residual norms of the top pair (on the CPU).
 
     H is symmetrised from its upper triangle, which holds the Gram-Schmidt
     projections ``v_i^T A v_j`` (i <= j); dead columns get ``DEAD_VALUE`` on
-    the diagonal so that their Ritz values are never selected. The residual of
-    Ritz pair i is ``beta |s_{m-1, i}|`` (the decomposition's ``f e_m^T``).
+    the diagonal so that their Ritz values are never selected. With ``k``
+    columns expanded, ``A V_k = V_k H_k + f e_k^T`` and the residual of Ritz
+    pair i is ``|f| |s_{k-1, i}|``.
     """
-    proj = state.proj.detach().cpu()
-    alive = state.alive[:, :-1].cpu()
+    proj = state.proj[:, :k, :k].cpu()
+    alive = state.alive[:, :k].cpu()
     h = torch.triu(proj) + torch.triu(proj, 1).transpose(1, 2)
     h = h * (alive[:, :, None] & alive[:, None, :])
     h = h + torch.diag_embed(torch.where(alive, 0.0, DEAD_VALUE).to(h))
@@ -240,39 +270,33 @@ def _ritz(state: _State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _top_vectors(state: _State, ritz_vec: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Top Ritz vectors ``V s`` of the given batch rows, shape (len(rows), s)."""
-    m = ritz_vec.shape[-1]
+    k = ritz_vec.shape[-1]
     dev = state.basis.device
-    s = ritz_vec[rows, :, -1].to(dev)  # (r, m)
-    sub = state.basis[:m, rows.to(dev)]  # (m, r, s)
-    return torch.einsum("krs,rk->rs", sub, s)
+    s = ritz_vec[rows, :, -1:].to(dev)  # (r, m, 1)
+    sub = state.basis[rows.to(dev), :k]  # (r, k, s)
+    return torch.bmm(s.transpose(1, 2), sub).squeeze(1)
 
 
-def _restart(
-    state: _State,
-    ritz_val: torch.Tensor,
-    ritz_vec: torch.Tensor,
-    rows: torch.Tensor,
-    keep: int,
-) -> _State:
-    """Thick restart of the given rows: ``V' = [V S_keep, f/|f|]``, ``H' = diag(theta_keep)``.
+def _restart(state: _State, ritz_val: torch.Tensor, ritz_vec: torch.Tensor, keep: int) -> _State:
+    """Thick restart: ``V' = [V S_keep, f/|f|]``, ``H' = diag(theta_keep)``.
 
     Then ``A V' = V' H' + f (e_m^T S_keep)`` (Wu & Simon 2000); the coupling
     column is found again by Gram-Schmidt when ``f/|f|`` is expanded.
     """
     dev = state.basis.device
     m = ritz_vec.shape[-1]
-    rows_dev = rows.to(dev)
-    s_keep = ritz_vec[rows, :, -keep:].to(dev)  # (r, m, keep)
-    old = state.basis[:, rows_dev]  # (m + 1, r, s)
+    n_rows = ritz_vec.shape[0]
+    s_keep = ritz_vec[:, :, -keep:].to(dev)  # (r, m, keep)
+    old = state.basis  # (r, m + 1, s)
     basis = torch.zeros_like(old)
-    basis[:keep] = torch.einsum("krs,rkp->prs", old[:m], s_keep)
-    basis[keep] = old[m]
-    theta = ritz_val[rows, -keep:].to(dev)
-    alive = torch.zeros((rows.numel(), m + 1), dtype=torch.bool, device=dev)
+    basis[:, :keep] = torch.bmm(s_keep.transpose(1, 2), old[:, :m])
+    basis[:, keep] = old[:, m]
+    theta = ritz_val[:, -keep:].to(dev)
+    alive = torch.zeros((n_rows, m + 1), dtype=torch.bool, device=dev)
     alive[:, :keep] = theta > DEAD_VALUE / 2
-    alive[:, keep] = state.alive[rows_dev, m]
-    basis[:keep] *= alive[:, :keep].T[:, :, None]
-    proj = torch.zeros((rows.numel(), m, m), dtype=torch.float64, device=dev)
+    alive[:, keep] = state.alive[:, m]
+    basis[:, :keep] *= alive[:, :keep, None]
+    proj = torch.zeros((n_rows, m, m), dtype=torch.float64, device=dev)
     idx = torch.arange(keep, device=dev)
     proj[:, idx, idx] = torch.where(alive[:, :keep], theta, torch.zeros_like(theta))
-    return _State(basis, proj, alive, state.beta[rows_dev], keep)
+    return _State(basis, proj, alive, state.beta, keep)

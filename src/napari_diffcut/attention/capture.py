@@ -259,6 +259,46 @@ def self_attention_names(unet: Any) -> list[str]:
     return [name for name in unet.attn_processors if ".attn1." in f".{name}"]
 
 
+def self_attention_factors(unet: Any) -> dict[str, int]:
+    """Downsampling factor (relative to the latent grid) of each ``attn1`` module.
+
+    Read from the module tree, not from a table of known checkpoints: the
+    factor doubles after each down block with a downsampler and halves after
+    each up block with an upsampler, and the mid block sits at the coarsest
+    factor. SD 1.x/2.x give factors 1, 2, 4, 8; SDXL, SSD-1B and Segmind Vega
+    put no attention in their first down block (``DownBlock2D``) and last up
+    block (``UpBlock2D``), so they have only 2 and 4 (method.md 2.1).
+
+    Returns
+    -------
+    dict of str to int
+        Processor key (as in :func:`self_attention_names`) to factor.
+    """
+    block_factor: dict[str, int] = {}
+    f = 1
+    for i, block in enumerate(getattr(unet, "down_blocks", [])):
+        block_factor[f"down_blocks.{i}."] = f
+        if getattr(block, "downsamplers", None):
+            f *= 2
+    block_factor["mid_block."] = f
+    for i, block in enumerate(getattr(unet, "up_blocks", [])):
+        block_factor[f"up_blocks.{i}."] = f
+        if getattr(block, "upsamplers", None):
+            f = max(1, f // 2)
+    out: dict[str, int] = {}
+    for name in self_attention_names(unet):
+        prefix = next((p for p in block_factor if name.startswith(p)), None)
+        if prefix is None:
+            raise RuntimeError(f"cannot place self-attention module {name!r} in the UNet")
+        out[name] = block_factor[prefix]
+    return out
+
+
+def attention_factors(unet: Any) -> tuple[int, ...]:
+    """Sorted downsampling factors at which a UNet has self-attention."""
+    return tuple(sorted(set(self_attention_factors(unet).values())))
+
+
 @contextlib.contextmanager
 def capture_self_attention(unet: Any, sink: AttentionSink) -> Iterator[AttentionSink]:
     """Install :class:`CaptureAttnProcessor` on ``attn1`` modules for the block.

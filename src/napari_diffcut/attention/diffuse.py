@@ -27,9 +27,13 @@ INVERSION_GRID = 50
 
 @torch.no_grad()
 def encode(model: LoadedModel, rgb: NDArray[np.float32]) -> torch.Tensor:
-    """VAE posterior mean times the scaling factor; ``rgb`` in [0, 1], (Y, X, 3)."""
+    """VAE posterior mean times the scaling factor; ``rgb`` in [0, 1], (Y, X, 3).
+
+    The VAE runs in :attr:`LoadedModel.vae_dtype` (fp32 unless bf16 or a
+    fp16-safe VAE), the latent is returned in the UNet's dtype.
+    """
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
-    x = (x * 2.0 - 1.0).to(model.device, torch.float32)
+    x = (x * 2.0 - 1.0).to(model.device, model.vae_dtype)
     dist = model.vae.encode(x).latent_dist
     return (dist.mean * model.scaling_factor).to(model.dtype)
 
@@ -65,7 +69,7 @@ def iter_attention(
         Head-, layer- and step-averaged attention per grid.
     """
     sink = AttentionSink(tuple(latents.shape[-2:]), factors=factors, on_layer=on_layer)
-    emb = model.empty_embedding
+    cond = model.unet_kwargs(tuple(latents.shape[-2:]))
     unet = model.unet
     if mode == "fast":
         x = latents
@@ -76,31 +80,53 @@ def iter_attention(
             x = (abar.sqrt() * latents.double() + (1 - abar).sqrt() * eps.double()).to(latents)
         t = torch.tensor([timestep], device=model.device)
         with capture_self_attention(unet, sink):
-            unet(x, t, encoder_hidden_states=emb)
+            unet(x, t, **cond)
         yield 1, 1
     elif mode == "inversion":
         ts = inversion_timesteps(model, steps)
         x = latents.double()
         with capture_self_attention(unet, sink):
             for i, t in enumerate(ts):
-                eps = unet(
-                    x.to(model.dtype),
-                    torch.tensor([t], device=model.device),
-                    encoder_hidden_states=emb,
+                out = unet(
+                    x.to(model.dtype), torch.tensor([t], device=model.device), **cond
                 ).sample.double()
                 if i + 1 < len(ts):
-                    x = _ddim_invert_step(model, x, eps, t, ts[i + 1])
+                    x = _ddim_invert_step(model, x, out, t, ts[i + 1])
                 yield i + 1, len(ts)
     else:
         raise ValueError(f"mode must be 'fast' or 'inversion', got {mode!r}")
     return {g: a.float().cpu().numpy() for g, a in sink.means().items()}
 
 
+def split_prediction(
+    prediction_type: str, x: torch.Tensor, out: torch.Tensor, abar: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, eps)`` from a UNet output of ``prediction_type`` at ``x_t``.
+
+    With ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps``: "epsilon" predicts eps;
+    "v_prediction" (SD 2.x 768 px checkpoints) predicts
+    ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (Salimans & Ho 2022), so
+    ``x0 = sqrt(abar) x_t - sqrt(1 - abar) v`` and ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``;
+    "sample" predicts x0 (diffusers DDIMScheduler.step uses the same formulas).
+    """
+    a, b = abar.sqrt(), (1 - abar).sqrt()
+    if prediction_type == "epsilon":
+        return (x - b * out) / a, out
+    if prediction_type == "v_prediction":
+        return a * x - b * out, a * out + b * x
+    if prediction_type == "sample":
+        return out, (x - a * out) / b
+    raise ValueError(
+        "prediction_type must be 'epsilon', 'v_prediction' or 'sample', "
+        f"got {prediction_type!r}"
+    )
+
+
 def _ddim_invert_step(
-    model: LoadedModel, x: torch.Tensor, eps: torch.Tensor, t: int, t_next: int
+    model: LoadedModel, x: torch.Tensor, out: torch.Tensor, t: int, t_next: int
 ) -> torch.Tensor:
     """x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t') eps (method.md 2.2)."""
     a_t = model.alphas_cumprod[t].to(x.device)
     a_n = model.alphas_cumprod[t_next].to(x.device)
-    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    x0, eps = split_prediction(model.prediction_type, x, out, a_t)
     return a_n.sqrt() * x0 + (1 - a_n).sqrt() * eps

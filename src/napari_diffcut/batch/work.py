@@ -24,7 +24,8 @@ from napari_diffcut.batch.jobs import (
     output_state,
 )
 from napari_diffcut.core.errors import DiffCutError
-from napari_diffcut.files.io import read_image, write_json, write_labels
+from napari_diffcut.files.io import read_image
+from napari_diffcut.files.outputs import OutputPlan, plan_outputs, write_run_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_diffcut.large.dispatch import DiffCutEngine
@@ -92,43 +93,49 @@ def _failure(job: Job, exc: BaseException, start: float, *, fatal: bool = False)
 
 
 def write_outputs(job: Job, seg: Any, settings: Settings, *, levels: bool) -> list[Path]:
-    """Write the label TIFF, the levels TIFF (if ``levels``), then the settings JSON.
+    """Write the label TIFF, the levels TIFF (if ``levels``) and the settings JSON together.
 
     ``seg`` is what the engine returns: a :class:`Segmentation`
     for an image, or a stack / tiled result (labels of the whole input; a stack
     has no single levels list, so ``levels`` is refused for it).
-    Each file is written atomically (temporary file, then rename). The JSON
-    comes last, so a run stopped in between leaves an image that is not done
-    and is redone next time. When replacing outputs made with other settings,
-    their JSON is removed first for the same reason, and so is their levels
-    TIFF when no new one is written (it would not match the new labels).
+    The outputs are staged in a hidden folder and renamed into place with the
+    JSON last (:mod:`napari_diffcut.files.outputs`), so a run stopped at any
+    moment leaves an image that is either done or not done (and redone next
+    time). Outputs made with other settings are replaced the same way, and an
+    old levels TIFF goes when no new one is written (it would not match the
+    new labels).
     """
     if levels and not hasattr(seg, "levels"):
         raise DiffCutError(
             f"levels=True (--levels) is not available for a {type(seg).__name__} "
             f"(labels of shape {tuple(seg.labels.shape)}); run without it"
         )
-    if job.replace:
-        job.record.unlink(missing_ok=True)
-        if not levels:
-            job.levels.unlink(missing_ok=True)
-    write_labels(job.labels, np.asarray(seg.labels))
+    plan = job_plan(job, levels=levels)
     record = dict(
         getattr(seg, "settings", {}),
         # The requested settings, kept apart: the engine's record also holds
         # derived values under setting names (e.g. the working size it used).
         batch_settings=settings.as_dict(),
         input=str(job.input),
-        output=str(job.labels),
         threshold_used=getattr(seg, "threshold", None),
         batch_key=job.key,
         worker=_here(),
     )
-    if levels:
-        write_labels(job.levels, np.stack([np.asarray(level) for level in seg.levels]))
-        record["levels_output"] = str(job.levels)
-    write_json(job.record, record)
-    return job.outputs(levels)
+    stack = np.stack([np.asarray(level) for level in seg.levels]) if levels else None
+    return write_run_outputs(plan, np.asarray(seg.labels), stack, record)
+
+
+def job_plan(job: Job, *, levels: bool) -> OutputPlan:
+    """The checked output plan of a job (raises DiffCutError before any work).
+
+    The batch replaces its own outputs of an image that is not done (its
+    conflict rules decide when that is allowed); files it did not write, and
+    the input, are never replaced.
+    """
+    return plan_outputs(
+        job.labels, inputs=[job.input], levels=levels, overwrite=True,
+        names=(job.labels, job.levels, job.record), owned=True,
+    )
 
 
 def process_image(
@@ -185,6 +192,7 @@ def process_image(
         except Exception as exc:  # noqa: BLE001 - reported; the driver stops the batch
             return _failure(job, exc, start, fatal=True)
     try:
+        job_plan(job, levels=levels)  # refuse before computing, not after
         image = (reader or read_image)(job.input)
         seg = engine.segment(image, settings)
         write_outputs(job, seg, settings, levels=levels)

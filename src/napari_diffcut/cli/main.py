@@ -36,7 +36,7 @@ EXTRA_COMMANDS: dict[str, str] = {
 def _segment_command(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from napari_diffcut.files.io import write_json
+    from napari_diffcut.files.outputs import OutputRun, plan_outputs
     from napari_diffcut.large.dispatch import DiffCutEngine, iter_segment
     from napari_diffcut.large.sources import open_image
     from napari_diffcut.pipeline.engine import drain
@@ -44,41 +44,53 @@ def _segment_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     src = Path(args.image)
     out = Path(args.out) if args.out else src.with_name(src.name.split(".")[0] + ".diffcut.tif")
-    if out.resolve() == src.resolve():
-        raise UserError(f"--out {out} is the input image; choose another file name")
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     image, axes = open_image(src, memory_budget=settings.memory_budget)
     if settings.channel_axis is None and axes:
         settings = _channel_axis_from_axes(settings, axes)
     if args.levels:
         _check_levels_possible(image, settings)
-    to_zarr = out.suffix.lower() == ".zarr"
-    seg = drain(
-        iter_segment(image, settings, engine=DiffCutEngine(), out=str(out) if to_zarr else None),
-        print_progress(args.quiet),
+    # Every name is checked (inputs, existing files) before anything is computed.
+    plan = plan_outputs(
+        out, inputs=[src], levels=args.levels, overwrite=args.overwrite,
+        need_bytes=_label_bytes(image),
     )
-    write_label_output(out, seg.labels)
-    _drop_temporary_store(seg, out)
-    settings_path = out.with_name(out.name.split(".")[0] + ".diffcut.json")
-    threshold = getattr(seg, "threshold", None)
-    record = dict(seg.settings, input=str(src), output=str(out), threshold_used=threshold)
-    if axes:
-        record["input_axes"] = axes
-        used = record.get("channel_axis_used")
-        record["labels_axes"] = axes if used is None else axes[:used] + axes[used + 1 :]
-    written = [out]
-    if args.levels:
-        levels_path = out.with_name(out.name.split(".")[0] + ".levels.tif")
-        write_label_output(levels_path, np.stack([np.asarray(v) for v in seg.levels]))
-        record["levels_output"] = str(levels_path)
-        written.append(levels_path)
-    write_json(settings_path, record)
-    written.append(settings_path)
+    to_zarr = out.suffix.lower() == ".zarr"
+    with OutputRun(plan, own_temp=True) as run:
+        staged = run.staged(plan.labels)
+        seg = drain(
+            iter_segment(
+                image, settings, engine=DiffCutEngine(), out=str(staged) if to_zarr else None
+            ),
+            print_progress(args.quiet),
+        )
+        record = dict(seg.settings, input=str(src), threshold_used=getattr(seg, "threshold", None))
+        if to_zarr and record.get("labels_store"):
+            record["labels_store"] = str(plan.labels)
+        if axes:
+            record["input_axes"] = axes
+            used = record.get("channel_axis_used")
+            record["labels_axes"] = axes if used is None else axes[:used] + axes[used + 1 :]
+        levels = np.stack([np.asarray(v) for v in seg.levels]) if args.levels else None
+        run.write(seg.labels, levels, record, write=write_label_output)
+        _drop_temporary_store(seg, staged)
+        written = run.commit()
     print(f"{src}: {_summary(seg)}")
     for path in written:
         print(f"  wrote {path}")
     return 0
+
+
+def _label_bytes(image: Any) -> int:
+    """Uncompressed size of the label image (an upper bound of the label TIFF)."""
+    import math
+
+    from napari_diffcut.large.sources import is_multiscale
+
+    first = image[0] if is_multiscale(image) else image
+    shape = tuple(int(n) for n in first.shape)
+    if len(shape) >= 3 and shape[-1] <= 4:
+        shape = shape[:-1]  # RGB(A) samples share one label
+    return 4 * math.prod(shape)
 
 
 def _check_levels_possible(image: Any, settings: Any) -> None:
@@ -178,7 +190,7 @@ def _write_tiled_tiff(path: Path, labels: Any) -> Path:
     import numpy as np
     import tifffile
 
-    from napari_diffcut.files.io import atomic_path
+    from napari_diffcut.files.io import TIFF_SOFTWARE, atomic_path
 
     shape = tuple(int(n) for n in labels.shape)
 
@@ -198,6 +210,7 @@ def _write_tiled_tiff(path: Path, labels: Any) -> Path:
             tile=(TIFF_TILE, TIFF_TILE),
             compression="zlib",
             bigtiff=True,
+            software=TIFF_SOFTWARE,
         )
     return path
 

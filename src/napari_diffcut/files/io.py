@@ -16,6 +16,8 @@ from numpy.typing import NDArray
 from napari_diffcut.core.errors import DiffCutError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+#: Software tag of the label TIFFs this tool writes (how ``--overwrite`` knows them).
+TIFF_SOFTWARE = "napari-diffcut"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", *TIFF_SUFFIXES)
 _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
@@ -87,7 +89,7 @@ def write_labels(
     if arr.dtype.kind not in "ui":
         raise ValueError(f"labels must be an integer array, got dtype {arr.dtype}")
     buf = _io.BytesIO()
-    tifffile.imwrite(buf, arr, compression="zlib")
+    tifffile.imwrite(buf, arr, compression="zlib", software=TIFF_SOFTWARE)
     if atomic:
         atomic_write_bytes(p, buf.getvalue())
     else:

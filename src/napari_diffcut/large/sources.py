@@ -34,6 +34,7 @@ from napari_diffcut.core.image import (
     resolve_channel_axis,
     to_rgb,
 )
+from napari_diffcut.files.outputs import temp_store_prefix
 from napari_diffcut.pipeline.engine import ModelCache
 from napari_diffcut.pipeline.plane import base_record, budget_bytes, latent_side, segment_rgb
 from napari_diffcut.pipeline.segmentation import Segmentation
@@ -303,7 +304,9 @@ def create_label_store(
     import zarr
 
     path = Path(out) if out is not None else Path(
-        tempfile.mkdtemp(prefix="napari-diffcut-")
+        # The pid in the name lets a later run recognise and remove the
+        # store of a run that was killed (napari_diffcut.files.outputs).
+        tempfile.mkdtemp(prefix=temp_store_prefix())
     ) / "labels.zarr"
     if chunks is None:
         chunks = (*([1] * (len(shape) - 2)), min(shape[-2], 1024), min(shape[-1], 1024))

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.core.image import latent_grid, resize
-from napari_diffcut.core.walk import aggregate_attention
+from napari_diffcut.core.walk import aggregate_attention, check_resolution_weights
 from napari_diffcut.pipeline.engine import ModelCache
 from napari_diffcut.pipeline.settings import Progress, Settings
 
@@ -36,31 +36,31 @@ def diffuse_stage(
     """
     yield Progress("load", 0, 1, f"loading {s.model}")
     model = engine.model_for(s)
+    # Weights are checked against the grids the UNet really has before it runs (issue 14).
+    factor_weights = check_resolution_weights(s.resolution_weights, model.attention_factors)
     latent = (
         s.working_size // model.vae_scale_factor if s.working_size else model.native_latent
     )
-    grid = latent_grid(image_shape or rgb.shape[:2], latent)
+    # The graph lives on the finest attention grid: the latent grid for SD 1.x/2.x,
+    # half of it for SDXL-class UNets (no self-attention at the latent grid).
+    pf = model.patch_factor
+    grid = latent_grid(image_shape or rgb.shape[:2], max(1, latent // pf), max(1, 8 // pf))
+    latent_hw = (grid[0] * pf, grid[1] * pf)
     record.update(
         device_used=str(model.device),
         dtype_used=str(model.dtype).replace("torch.", ""),
-        working_size=[grid[0] * model.vae_scale_factor, grid[1] * model.vae_scale_factor],
+        working_size=[latent_hw[0] * model.vae_scale_factor, latent_hw[1] * model.vae_scale_factor],
     )
     yield Progress("encode", 0, 1, f"VAE encode at {record['working_size']}")
     from napari_diffcut.attention.diffuse import encode
 
     work = resize(rgb, tuple(record["working_size"]))
     latents = encode(model, work)
-    factors = (
-        {f for f, w in s.resolution_weights.items() if w > 0} if s.resolution_weights else None
-    )
+    factors = {f for f, w in factor_weights.items() if w > 0}
     per_res = yield from _attention_in_thread(model, latents, s, factors)
-    weights = None
-    if s.resolution_weights:
-        weights = {
-            (grid[0] // f, grid[1] // f): w for f, w in s.resolution_weights.items()
-        }
+    weights = {(latent_hw[0] // f, latent_hw[1] // f): w for f, w in factor_weights.items()}
     record["attention_grids"] = [list(g) for g in sorted(per_res, reverse=True)]
-    return grid, aggregate_attention(per_res, weights)
+    return grid, aggregate_attention(per_res, weights, fine_grid=grid)
 
 
 class _Cancelled(Exception):  # noqa: N818 - a private control-flow signal
@@ -76,12 +76,13 @@ def _attention_in_thread(
     is closed, a flag makes the next captured layer raise, which aborts the
     forward pass within one attention layer.
     """
-    from napari_diffcut.attention.capture import self_attention_names
+    from napari_diffcut.attention.capture import self_attention_factors
     from napari_diffcut.attention.diffuse import iter_attention
 
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
     cancel = threading.Event()
-    n_layers = len(self_attention_names(model.unet))
+    layer_factors = self_attention_factors(model.unet).values()
+    n_layers = sum(1 for f in layer_factors if factors is None or f in factors)
     calls = 1 if s.mode == "fast" else s.steps
 
     def on_layer() -> None:

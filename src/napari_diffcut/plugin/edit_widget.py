@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, PushButton
+from qtpy.QtWidgets import QSizePolicy
 
 if TYPE_CHECKING:  # napari is only needed for the annotation; the viewer is passed in
     import napari
 
 from napari_diffcut.core.errors import DiffCutError
-from napari_diffcut.plugin.layers import LAYER_KEY, diffcut_meta, label_features
+from napari_diffcut.plugin.features import label_features
+from napari_diffcut.plugin.layers import LAYER_KEY, diffcut_meta
 from napari_diffcut.results.editing import Edit, EditHistory, LabelTree
 from napari_diffcut.results.export import export_labels, free_stem
 
@@ -41,10 +43,28 @@ from napari_diffcut.results.export import export_labels, free_stem
 CLICK_ACTIONS = ("off", "select", "split", "merge")
 #: A press and release further apart than this (canvas pixels) is a drag, not a click.
 CLICK_TOLERANCE_PX = 4.0
-_NO_LAYER = (
-    "Select a DiffCut result layer (a 2-D Labels layer made by DiffCut; whole-stack, "
-    "tiled and beyond-memory results have no tree to edit here)."
+_NO_LAYER = "Select a DiffCut result layer to edit it."
+#: Why a layer may not be editable (the status line's tooltip: long texts do not widen the dock).
+_NO_LAYER_WHY = (
+    "A 2-D Labels layer made by DiffCut; whole-stack, tiled and beyond-memory results have "
+    "no tree to edit here."
 )
+
+
+def replay_message(undo: bool, description: str) -> str:
+    """The status after an undo or redo of the edit ``description``.
+
+    An undo's edit is the inverse edit, described as "undo <edit>": the
+    message names the edit itself.
+
+    Examples
+    --------
+    >>> replay_message(True, "undo merge 29 into 14"), replay_message(False, "split 3")
+    ('undid merge 29 into 14', 'redid split 3')
+    """
+    if undo and description.startswith("undo "):
+        description = description[len("undo ") :]
+    return f"{'undid' if undo else 'redid'} {description}"
 
 
 class HierarchyEditor(Container):
@@ -62,8 +82,11 @@ class HierarchyEditor(Container):
         self._layer: Any = None
         self._tree_cache: tuple[Any, LabelTree] | None = None
         self._writing = False  # our own ``layer.data = ...`` is not a replacement
-        self.status = Label(value=_NO_LAYER)
+        self.status = Label(value=_NO_LAYER, tooltip=_NO_LAYER_WHY)
         self.region = Label(value="")
+        for label in (self.status, self.region):
+            label.native.setWordWrap(True)  # long messages must not widen the dock
+            label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.click_action = ComboBox(
             label="On click",
             choices=CLICK_ACTIONS,
@@ -255,7 +278,7 @@ class HierarchyEditor(Container):
             self._say(str(exc), warn=True)
             return False
         self._write(self._layer, edit)
-        self._say(f"{'undid' if undo else 'redid'} {edit.description}")
+        self._say(replay_message(undo, edit.description))
         return True
 
     # -- events -------------------------------------------------------------------

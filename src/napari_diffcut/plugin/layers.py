@@ -66,7 +66,6 @@ def level_layer_name(source: str, level: int) -> str:
     return f"{source} diffcut level {level}"
 
 
-
 def same_setting(a: Any, b: Any) -> bool:
     """Whether two threshold settings ("auto" or a number) are the same."""
     if isinstance(a, str) or isinstance(b, str):

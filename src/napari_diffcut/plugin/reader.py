@@ -24,7 +24,8 @@ from typing import Any
 
 from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.files.store import SUFFIX, is_result_store
-from napari_diffcut.plugin.layers import Geometry, result_layer_data
+from napari_diffcut.plugin.geometry import Geometry
+from napari_diffcut.plugin.layers import result_layer_data
 from napari_diffcut.results.store import SavedResult, read_result
 
 LayerData = tuple[Any, ...]
