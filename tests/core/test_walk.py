@@ -8,7 +8,9 @@ import pytest
 from napari_diffcut.core.walk import (
     aggregate_attention,
     build_affinity,
+    check_resolution_weights,
     check_transition,
+    default_factor_weights,
     interpolation_matrix,
     lift_attention,
     power_walk,
@@ -79,6 +81,55 @@ def test_aggregate_errors() -> None:
         aggregate_attention({})
     with pytest.raises(ValueError, match="weights"):
         aggregate_attention({(2, 2): np.eye(4, dtype=np.float32)}, {(2, 2): -1.0})
+
+
+def test_aggregate_lifts_to_the_given_fine_grid(rng: np.random.Generator) -> None:
+    """Issue 14: no captured grid at the caller's grid; every one is lifted onto it."""
+    mid = softmax_rows(rng.normal(size=(16, 16)))  # (4, 4)
+    coarse = softmax_rows(rng.normal(size=(4, 4)))  # (2, 2)
+    p = aggregate_attention(
+        {(4, 4): mid, (2, 2): coarse}, {(8, 8): 0.0, (4, 4): 1.0, (2, 2): 1.0}, fine_grid=(8, 8)
+    )
+    expected = (lift_attention(mid, (4, 4), (8, 8)) + lift_attention(coarse, (2, 2), (8, 8))) / 2
+    assert p.shape == (64, 64)
+    np.testing.assert_allclose(p, expected, atol=1e-6)
+    only = aggregate_attention({(4, 4): mid}, fine_grid=(8, 8))
+    np.testing.assert_allclose(only, lift_attention(mid, (4, 4), (8, 8)), atol=1e-6)
+    same = aggregate_attention({(4, 4): mid, (2, 2): coarse}, fine_grid=(4, 4))
+    np.testing.assert_allclose(same, aggregate_attention({(4, 4): mid, (2, 2): coarse}))
+
+
+def test_aggregate_fine_grid_errors(rng: np.random.Generator) -> None:
+    mid = softmax_rows(rng.normal(size=(16, 16)))
+    with pytest.raises(ValueError, match="does not divide"):
+        aggregate_attention({(4, 4): mid}, fine_grid=(2, 2))  # captured finer than the target
+    with pytest.raises(ValueError, match="does not divide"):
+        aggregate_attention({(4, 4): mid}, fine_grid=(6, 8))
+    with pytest.raises(ValueError, match=r"no attention was captured"):
+        aggregate_attention({(4, 4): mid}, {(4, 4): 1.0, (8, 8): 1.0}, fine_grid=(8, 8))
+
+
+def test_default_factor_weights_follow_diffseg() -> None:
+    w = default_factor_weights([8, 1, 4, 2])
+    assert list(w) == [1, 2, 4, 8]
+    np.testing.assert_allclose(list(w.values()), [8 / 15, 4 / 15, 2 / 15, 1 / 15])
+    assert default_factor_weights([2, 4]) == pytest.approx({2: 2 / 3, 4: 1 / 3})
+
+
+def test_check_resolution_weights() -> None:
+    assert check_resolution_weights(None, (2, 4)) == pytest.approx({2: 2 / 3, 4: 1 / 3})
+    assert check_resolution_weights({1: 0.0, 2: 1.0}, (1, 2, 4, 8)) == {
+        1: 0.0, 2: 1.0, 4: 0.0, 8: 0.0
+    }
+    assert check_resolution_weights({1: 0.0, 2: 1.0, 8: 0.0}, (2, 4)) == {2: 1.0, 4: 0.0}
+    with pytest.raises(ValueError, match=r"factor\(s\) \[1\].*\[2, 4\]"):
+        check_resolution_weights({1: 1.0, 2: 1.0}, (2, 4))
+    with pytest.raises(ValueError, match="no positive weight"):
+        check_resolution_weights({2: 0.0}, (2, 4))
+    with pytest.raises(ValueError, match=">= 0"):
+        check_resolution_weights({2: -1.0}, (2, 4))
+    with pytest.raises(ValueError, match="no self-attention"):
+        check_resolution_weights(None, ())
 
 
 def test_stationary_distribution(rng: np.random.Generator) -> None:

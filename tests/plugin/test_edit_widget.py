@@ -96,6 +96,8 @@ def test_split_merge_undo_redo_buttons(viewer: Any, seg: Segmentation, qtbot: An
 
     editor.undo_button.native.click()
     np.testing.assert_array_equal(level1.data, original)
+    # Issue 13 point 8: "undid split ...", not "undid undo split ...".
+    assert editor.status.value.startswith("undid split") and "undo" not in editor.status.value
     assert sorted(level1.features["index"]) == sorted(set(np.unique(original)) - {0})
     assert editor.redo_button.enabled
     editor.redo_button.native.click()

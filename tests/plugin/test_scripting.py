@@ -158,16 +158,19 @@ def test_diffusion_backbone_with_tiny_model(
     assert loads == [str(tiny_model)]  # one engine, one load
 
 
-def test_16_bit_goes_through_the_layer_contrast_limits(
+def test_16_bit_maps_as_the_cli_unless_contrast_limits_are_asked_for(
     viewer: napari.Viewer, engine_calls: list[dict[str, Any]]
 ) -> None:
+    """Issue 13 point 6: percentiles by default (as the CLI), the layer's limits on request."""
     [nuclei] = viewer.open_sample("napari-diffcut", "nuclei")
     nuclei.contrast_limits = (250.0, 3000.0)
-    segment_layer(viewer, nuclei, **FAST)
-    assert engine_calls[-1]["contrast_limits"] == (250.0, 3000.0)
+    [main, *_] = segment_layer(viewer, nuclei, **FAST)
+    assert engine_calls[-1]["contrast_limits"] is None
     assert engine_calls[-1]["image"].dtype == np.uint16
-    segment_layer(viewer, nuclei, normalize=(1.0, 99.0), **FAST)
-    assert engine_calls[-1]["contrast_limits"] is None  # explicit percentiles win
+    assert main.metadata[LAYER_KEY]["settings"]["intensity"] == "percentiles"
+    [main, *_] = segment_layer(viewer, nuclei, contrast_limits="layer", **FAST)
+    assert engine_calls[-1]["contrast_limits"] == (250.0, 3000.0)
+    assert main.metadata[LAYER_KEY]["settings"]["intensity"] == "contrast_limits"
     segment_layer(viewer, nuclei, contrast_limits=(0, 5000), **FAST)
     assert engine_calls[-1]["contrast_limits"] == (0.0, 5000.0)
 

@@ -22,6 +22,7 @@ from napari_diffcut.large.tiling import TiledSegmentation
 from napari_diffcut.pipeline.segmentation import LazySegmentation
 from napari_diffcut.pipeline.settings import Progress, Settings
 from napari_diffcut.plugin.layers import LAYER_KEY, is_edited
+from napari_diffcut.plugin.run import RunPanel
 from napari_diffcut.plugin.scripting import recut_layer, segment_layer
 from napari_diffcut.plugin.take import layer_defaults
 from napari_diffcut.plugin.widget import DiffCutWidget
@@ -89,13 +90,13 @@ def result_layers(viewer: Any) -> list[Any]:
 def progress_seen(monkeypatch: pytest.MonkeyPatch) -> list[Progress]:
     """Every progress event the widget receives (its real slot runs too)."""
     seen: list[Progress] = []
-    real = DiffCutWidget._on_progress
+    real = RunPanel._on_progress
 
-    def spy(self: DiffCutWidget, event: Progress) -> None:
+    def spy(self: RunPanel, event: Progress) -> None:
         seen.append(event)
         real(self, event)
 
-    monkeypatch.setattr(DiffCutWidget, "_on_progress", spy)
+    monkeypatch.setattr(RunPanel, "_on_progress", spy)
     return seen
 
 
@@ -186,7 +187,7 @@ def test_whole_stack_gives_one_labels_layer_with_source_geometry(
     # The hierarchy editor refuses a stack result (no single tree) cleanly.
     viewer.layers.selection.active = main
     editor = widget.hierarchy_editor
-    assert editor.layer is None and "whole-stack" in editor.status.value
+    assert editor.layer is None and "whole-stack" in editor.status.tooltip
     assert editor.split(int(main.data.max())) is False
     np.testing.assert_array_equal(main.data, seg.cut(widget.threshold_value))
 
@@ -320,9 +321,9 @@ def test_tiled_run_gives_stitched_labels_and_a_disabled_threshold(
     big = blobs((1500, 1500), 7)
     viewer.add_image(big, name="field", scale=(0.1, 0.1))
     fast_widget(widget)
-    assert not widget.tile_overlap_spin.enabled
+    assert not widget.overlap_auto_check.enabled
     widget.tile_size_spin.value = 512
-    assert widget.tile_overlap_spin.enabled
+    assert widget.overlap_auto_check.enabled and widget.overlap_auto_check.value  # auto
     run(qtbot, widget)
     [main] = result_layers(viewer)  # stitched labels only, no levels
     meta = main.metadata[LAYER_KEY]

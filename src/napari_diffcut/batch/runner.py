@@ -55,7 +55,7 @@ from napari_diffcut.batch.jobs import (
 )
 from napari_diffcut.batch.manifest import BatchSummary, Recorder
 from napari_diffcut.batch.work import (
-    _iter_in_process,
+    iter_in_process,
 )
 from napari_diffcut.core.errors import DiffCutError
 
@@ -327,7 +327,7 @@ def _execute(
     if not todo:
         return
     if workers is None and scheduler is None:
-        results = _iter_in_process(todo, settings, levels=levels, reader=reader)
+        results = iter_in_process(todo, settings, levels=levels, reader=reader)
     else:
         try:
             from napari_diffcut.batch.dask import iter_results

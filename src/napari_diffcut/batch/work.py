@@ -207,10 +207,16 @@ def process_image(
     )
 
 
-def _iter_in_process(
+def iter_in_process(
     jobs: Sequence[Job], settings: Settings, *, levels: bool, reader: Reader | None
 ) -> Iterator[ImageResult]:
-    """Run the jobs one after the other with one engine (one model load)."""
+    """Run the jobs one after the other with one engine (one model load).
+
+    Yields
+    ------
+    ImageResult
+        One per job, in order.
+    """
     from napari_diffcut.large.dispatch import DiffCutEngine
 
     engine = DiffCutEngine()

@@ -6,6 +6,19 @@ threshold ``tau`` is a top-down pruning of that tree: a node's split is
 accepted iff the node is reached and its cost is below ``tau``. No eigen
 solve is needed to re-cut.
 
+The automatic threshold is per node (issue 11, part 1; :mod:`napari_diffcut.core.null`):
+when the tree is grown with its ``grid_shape``, every split the automatic cut
+can reach also records its *null cost*: what the same node set costs to cut
+in the content-free graph with the graph's own spatial kernel (the cheapest
+split the same solver finds there). ``cut("auto")`` accepts a reached split
+iff ``cost < NULL_RATIO * null_cost``: the found boundary lets through less
+than half of the crossing flow that locality alone allows for that node. A
+straight cut through a uniform region costs what locality predicts (ratio
+about 1) and is refused, however cheap its NCut is; a real boundary blocks
+most of the flow. Trees without null costs (grown
+without ``grid_shape``, or read from an older file) fall back to Otsu's rule
+on the costs (:func:`auto_threshold`).
+
 Label convention used everywhere in napari-diffcut: **a segment's label is its
 tree node id + 1**. Node ids are assigned breadth-first (root = 0), so labels
 are stable across thresholds and levels (a region that does not split keeps
@@ -29,10 +42,20 @@ from napari_diffcut.core.ncut import (
     single_thread_blas,
     sweep_cut,
 )
+from napari_diffcut.core.null import NullModel, null_model
 
 #: A split whose NCut is at least this is never accepted: a structureless walk
 #: gives NCut = 1 for every split (method.md 3.1), so children are not grown.
 STRUCTURELESS_COST = 1.0
+
+#: The automatic cut keeps a split iff its NCut is below this fraction of its
+#: null cost (module docstring). In the random-walk reading (Meila & Shi 2001)
+#: NCut is the escape probability of the stationary walk, so 1/2 means: a
+#: walker is at least twice as likely to stay on its side as locality alone
+#: predicts. Measured ratios (benchmarks/quality.py, README "Automatic
+#: threshold"): content-free splits 0.7-1.3, real boundaries 0.02-0.4; the
+#: real-image scores are the same for any value in 0.4-0.6.
+NULL_RATIO = 0.5
 
 
 @dataclass(frozen=True)
@@ -81,13 +104,19 @@ class Node:
 
 @dataclass
 class TreeArrays:
-    """Flat arrays describing a grown NCut tree (input of :class:`Hierarchy`)."""
+    """Flat arrays describing a grown NCut tree (input of :class:`Hierarchy`).
+
+    ``null_cost`` (optional) is each split's NCut under the content-free null
+    graph (:mod:`napari_diffcut.core.null`), nan for leaves; None when the tree
+    was grown without a grid (then "auto" uses :func:`auto_threshold`).
+    """
 
     parent: NDArray[np.int64]
     cost: NDArray[np.float64]
     size: NDArray[np.int64]
     depth: NDArray[np.int64]
     leaf_of_patch: NDArray[np.int64]
+    null_cost: NDArray[np.float64] | None = None
 
     @property
     def n_nodes(self) -> int:
@@ -130,7 +159,11 @@ def otsu_threshold(values: NDArray[np.float64]) -> float:
 
 
 def auto_threshold(costs: NDArray[np.float64]) -> float:
-    """Per-image NCut threshold with no tuning (method.md 6, rule 1).
+    """Fallback global NCut threshold for trees without null costs (method.md 6, rule 1).
+
+    Over-segments spatially local graphs (method.md 6, "Measured on real
+    images"); the tree's default automatic rule is the per-node null-ratio test
+    (module docstring), this is used only where no null cost was recorded.
 
     Otsu's two-class split of the logarithms of the tree's split costs,
     together with the reference cost 1 of a structureless walk (method.md 3.1).
@@ -154,8 +187,15 @@ def iter_ncut_tree(
     min_size: int = 16,
     max_depth: int = 8,
     seed: int = 0,
+    grid_shape: tuple[int, int] | None = None,
 ) -> Generator[tuple[int, int], None, TreeArrays]:
     """Grow the full recursive NCut tree, yielding after each split.
+
+    With ``grid_shape`` (the ``(h, w)`` patch grid of the nodes, row-major),
+    each split that the automatic cut reaches (root, and children of splits
+    it accepts) also records its null cost (module docstring; nan elsewhere),
+    which the automatic cut of :class:`Hierarchy` uses. Cost: the kernel (one
+    pass over W), the dense null graph, and one extra split per reached node.
 
     Breadth-first (method.md 6, reference recursion): each node's graph is W
     restricted to its patches with degrees recomputed inside (edges to the
@@ -189,6 +229,9 @@ def iter_ncut_tree(
     queue: deque[int] = deque([0])
     bound = max(1, min(2**max_depth - 1, n // max(min_size, 1)))
     done = 0
+    null = None if grid_shape is None else null_model(affinity, grid_shape)
+    null_cost: list[float] = [float("nan")]
+    auto_ok: dict[int, bool] = {}
     one_thread = single_thread_blas()  # robust to busy cores (core/ncut.py docstring)
     while queue:
         node = queue.popleft()
@@ -206,10 +249,16 @@ def iter_ncut_tree(
         cost[node] = c
         if c >= STRUCTURELESS_COST:
             continue
+        if null is not None and (parent[node] < 0 or auto_ok.get(parent[node], False)):
+            # Only nodes the automatic cut can reach need the null (a few solves).
+            with one_thread():
+                null_cost[node] = _null_cost(null, n, idx, mask, min_size, seed)
+            auto_ok[node] = c < NULL_RATIO * null_cost[node]
         for side in (idx[mask], idx[~mask]):
             child = len(parent)
             parent.append(node)
             cost.append(float("nan"))
+            null_cost.append(float("nan"))
             size.append(len(side))
             depth.append(depth[node] + 1)
             members[child] = side
@@ -221,7 +270,34 @@ def iter_ncut_tree(
         size=np.asarray(size, np.int64),
         depth=np.asarray(depth, np.int64),
         leaf_of_patch=leaf_of_patch,
+        null_cost=None if null is None else np.asarray(null_cost, np.float64),
     )
+
+
+def _null_cost(
+    null: NullModel,
+    n: int,
+    idx: NDArray[np.int64],
+    mask: NDArray[np.bool_],
+    min_size: int,
+    seed: int,
+) -> float:
+    """What the node ``idx`` costs to split in the content-free null graph.
+
+    The cheapest split the NCut solver finds on the null graph restricted to the
+    node (the same eigen solve and sweep as the real split), or the null cost
+    of the real split itself when that is cheaper (the sweep is a heuristic,
+    so both are upper bounds of the null's minimum).
+    """
+    a = np.zeros(n, bool)
+    b = np.zeros(n, bool)
+    a[idx[mask]] = True
+    b[idx[~mask]] = True
+    same = null.ncut(a, b)
+    dense = null.dense
+    sub = dense if len(idx) == n else dense[np.ix_(idx, idx)]
+    best = _split_subgraph(sub, min_size, seed)
+    return float(np.nanmin([same, np.inf if best is None else best[1]]))
 
 
 def _split_subgraph(
@@ -256,10 +332,19 @@ def _drain(gen: Generator[object, None, TreeArrays]) -> TreeArrays:
 
 
 def build_tree(
-    affinity: NDArray[np.float64], *, min_size: int = 16, max_depth: int = 8, seed: int = 0
+    affinity: NDArray[np.float64],
+    *,
+    min_size: int = 16,
+    max_depth: int = 8,
+    seed: int = 0,
+    grid_shape: tuple[int, int] | None = None,
 ) -> TreeArrays:
     """Grow the NCut tree in one call (see :func:`iter_ncut_tree`)."""
-    return _drain(iter_ncut_tree(affinity, min_size=min_size, max_depth=max_depth, seed=seed))
+    return _drain(
+        iter_ncut_tree(
+            affinity, min_size=min_size, max_depth=max_depth, seed=seed, grid_shape=grid_shape
+        )
+    )
 
 
 class Hierarchy:
@@ -273,6 +358,18 @@ class Hierarchy:
         ``(h, w)`` of the patch grid; ``h * w`` equals the number of patches.
     threshold : "auto" or float
         Default threshold used by :attr:`labels` and :attr:`levels`.
+
+    Attributes
+    ----------
+    auto_threshold : float
+        A numeric NCut threshold standing for the automatic cut (e.g. the start
+        of a threshold slider). With null costs (the per-node rule) it is the
+        smallest threshold whose cut keeps every split of ``cut("auto")``: just
+        above the largest accepted cost, or the root's cost when the automatic
+        cut keeps one segment (so ``cut(auto_threshold)`` is then one segment
+        too). ``cut(auto_threshold)`` contains ``cut("auto")`` and may split
+        further where the null test refused a cheap split. Without null costs
+        it is Otsu's threshold (:func:`auto_threshold`), which ``cut("auto")`` applies.
 
     Notes
     -----
@@ -292,9 +389,11 @@ class Hierarchy:
             )
         self._tree = tree
         self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
-        self.auto_threshold = auto_threshold(tree.cost)
         self.threshold_setting = check_threshold(threshold)
         self._children = tree.children()
+        self.auto_threshold = (
+            auto_threshold(tree.cost) if tree.null_cost is None else self._equivalent_tau()
+        )
 
     # -- tree ------------------------------------------------------------------
     @property
@@ -320,8 +419,56 @@ class Hierarchy:
 
     @property
     def threshold(self) -> float:
-        """The threshold in force: the automatic one when the setting is "auto"."""
+        """The threshold in force: :attr:`auto_threshold` when the setting is "auto"."""
         return self.resolve(self.threshold_setting)
+
+    @property
+    def null_ratio(self) -> NDArray[np.float64] | None:
+        """Per node ``cost / null_cost`` (nan for leaves); None without null costs."""
+        null = self._tree.null_cost
+        if null is None:
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray(self._tree.cost / null, np.float64)
+
+    def auto_accepts(self) -> NDArray[np.bool_]:
+        """Per node: does the automatic rule accept its split (if the node is reached)?
+
+        ``cost < NULL_RATIO * null_cost`` and ``cost < 1`` with null costs;
+        ``cost < auto_threshold`` (Otsu) without.
+        """
+        t = self._tree
+        has_kids = np.array([bool(k) for k in self._children], bool)
+        if t.null_cost is None:
+            return has_kids & (t.cost < self.auto_threshold)
+        with np.errstate(invalid="ignore"):
+            ok = (t.cost < NULL_RATIO * t.null_cost) & (t.cost < STRUCTURELESS_COST)
+        return has_kids & ok
+
+    def _equivalent_tau(self) -> float:
+        """:attr:`auto_threshold` of the per-node rule (see the class docstring)."""
+        t = self._tree
+        kept = self._accepted(self.auto_accepts(), None)
+        if kept.any():
+            return float(min(1.0, np.nextafter(t.cost[kept].max(), np.inf)))
+        root = float(t.cost[0]) if t.n_nodes else float("nan")
+        return float(min(1.0, max(root, 1e-12))) if np.isfinite(root) else 1.0
+
+    def _accepted(
+        self, accepts: NDArray[np.bool_], max_level: int | None
+    ) -> NDArray[np.bool_]:
+        """Top-down pruning: a split is accepted iff its node is reached and it passes."""
+        t = self._tree
+        accepted = np.zeros(t.n_nodes, bool)
+        # Breadth-first ids: a parent always precedes its children.
+        for i in range(t.n_nodes):
+            p = t.parent[i]
+            accepted[i] = (
+                (p < 0 or accepted[p])
+                and accepts[i]
+                and (max_level is None or t.depth[i] < max_level)
+            )
+        return accepted
 
     def resolve(self, threshold: float | str) -> float:
         """Turn ``"auto"`` or a number into the numeric threshold."""
@@ -335,25 +482,24 @@ class Hierarchy:
         """For every node, the id of the segment (kept node) that contains it.
 
         A split of node n is accepted iff n is reached from the root through
-        accepted splits, ``cost[n] < threshold`` and (when ``max_level`` is
-        given) ``depth[n] < max_level``.
+        accepted splits, it passes the threshold and (when ``max_level`` is
+        given) ``depth[n] < max_level``. A numeric threshold passes
+        ``cost[n] < threshold``; ``"auto"`` applies :meth:`auto_accepts`
+        (the per-node null-ratio rule).
         """
-        tau = self.resolve(self.threshold_setting if threshold is None else threshold)
+        setting = check_threshold(self.threshold_setting if threshold is None else threshold)
         t = self._tree
+        if setting == "auto":
+            accepts = self.auto_accepts()
+        else:
+            has_kids = np.array([bool(k) for k in self._children], bool)
+            accepts = has_kids & (t.cost < float(setting))
+        accepted = self._accepted(accepts, max_level)
         seg = np.arange(t.n_nodes)
-        accepted = np.zeros(t.n_nodes, bool)
-        # Breadth-first ids: a parent always precedes its children.
         for i in range(t.n_nodes):
             p = t.parent[i]
             if p >= 0:
                 seg[i] = i if accepted[p] else seg[p]
-            reached = p < 0 or accepted[p]
-            accepted[i] = (
-                reached
-                and bool(self._children[i])
-                and t.cost[i] < tau
-                and (max_level is None or t.depth[i] < max_level)
-            )
         return seg
 
     def node_lut(
@@ -374,8 +520,7 @@ class Hierarchy:
 
     def n_levels(self, threshold: float | str | None = None) -> int:
         """Number of hierarchy levels at a threshold (>= 1)."""
-        tau = self.resolve(self.threshold_setting if threshold is None else threshold)
-        seg = self.segment_of_node(tau)
+        seg = self.segment_of_node(threshold)
         t = self._tree
         kept = [i for i in range(t.n_nodes) if seg[i] == i and t.parent[i] >= 0]
         return max([int(t.depth[i]) for i in kept], default=1)
@@ -427,7 +572,8 @@ def ncut_hierarchy(
     graph : {"walk", "similarity"}
         Random-walk graph or attention-row similarity (method.md 3.1, 4).
     threshold : "auto" or float in (0, 1]
-        NCut threshold of the default cut.
+        NCut threshold of the default cut; "auto" is the per-node null-ratio
+        rule (module docstring).
     min_size : int
         Minimum segment size in patches.
     max_depth : int
@@ -461,5 +607,8 @@ def ncut_hierarchy(
             f"(transition shape {p.shape})"
         )
     affinity, _ = build_affinity(p, power=power, graph=graph, dtype=np.float32)
-    tree = build_tree(affinity, min_size=min_size, max_depth=max_depth, seed=seed)
+    grid = (int(grid_shape[0]), int(grid_shape[1]))
+    tree = build_tree(
+        affinity, min_size=min_size, max_depth=max_depth, seed=seed, grid_shape=grid
+    )
     return Hierarchy(tree, (int(grid_shape[0]), int(grid_shape[1])), threshold)

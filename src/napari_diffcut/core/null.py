@@ -120,7 +120,16 @@ class NullModel:
         if kernel.shape != (2 * h - 1, 2 * w - 1):
             raise ValueError(f"kernel {kernel.shape} does not match grid {grid_shape}")
         self._shape = _fft_shape(h, w)
-        self._kernel_f = rfft2(np.asarray(kernel, np.float64), s=self._shape)
+        self.kernel = np.asarray(kernel, np.float64)
+        self._kernel_f = rfft2(self.kernel, s=self._shape)
+        self._dense: NDArray[np.float32] | None = None
+
+    @property
+    def dense(self) -> NDArray[np.float32]:
+        """The null graph as a dense float32 matrix (built on first use, then kept)."""
+        if self._dense is None:
+            self._dense = null_affinity(self.kernel, self.grid_shape)
+        return self._dense
 
     def smooth(self, mask: NDArray[np.bool_]) -> NDArray[np.float64]:
         """``(W0 1_mask)_i`` for every patch i, as an (h, w) image."""
@@ -147,6 +156,23 @@ class NullModel:
         if vol_a <= 0 or vol_b <= 0:
             return float("nan")
         return max(cut / vol_a + cut / vol_b, 0.0)
+
+
+def null_affinity(
+    kernel: NDArray[np.float64], grid_shape: tuple[int, int], dtype: type[np.floating] = np.float32
+) -> NDArray[np.floating]:
+    """The dense null graph ``W0_ij = k(x_j - x_i)`` (N x N), for eigen solves on node sets."""
+    h, w = (int(grid_shape[0]), int(grid_shape[1]))
+    n = h * w
+    yy, xx = np.divmod(np.arange(n), w)
+    flat = np.asarray(kernel, dtype).ravel()
+    out = np.empty((n, n), dtype)
+    for start in range(0, n, OFFSET_ROWS):
+        rows = slice(start, min(n, start + OFFSET_ROWS))
+        index = (yy[None, :] - yy[rows, None] + h - 1) * (2 * w - 1)
+        index += xx[None, :] - xx[rows, None] + w - 1
+        out[rows] = flat[index]
+    return out
 
 
 def null_model(affinity: NDArray[np.floating], grid_shape: tuple[int, int]) -> NullModel:

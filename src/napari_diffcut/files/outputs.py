@@ -25,34 +25,50 @@ temporary folder (``napari-diffcut-<pid>-*``) are removed too.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import secrets
 import shutil
-import socket
-import stat
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from napari_diffcut.core.budget import format_bytes
 from napari_diffcut.core.errors import DiffCutError
-from napari_diffcut.files.io import TIFF_SOFTWARE, write_json, write_labels
+from napari_diffcut.files.io import write_json, write_labels
+from napari_diffcut.files.leftovers import (
+    OLD,
+    STAGING_PREFIX,
+    STAGING_SUFFIX,
+    recover_stale,
+    roll_back,
+    temp_store_prefix,
+    temp_stores,
+    write_journal,
+)
 
-#: Hidden staging folders of runs: ``.napari-diffcut-run-<pid>-<token>.tmp``.
-STAGING_PREFIX = ".napari-diffcut-run-"
-STAGING_SUFFIX = ".tmp"
-#: Journal inside a staging folder: which outputs, and whether all are written.
-JOURNAL = ".journal.json"
-#: Sub-folder of a staging folder that holds the outputs a commit replaces.
-OLD = ".old"
+__all__ = [
+    "STAGING_PREFIX",
+    "OutputPlan",
+    "OutputRun",
+    "output_names",
+    "output_stem",
+    "plan_outputs",
+    "recover_stale",
+    "temp_store_prefix",
+    "write_run_outputs",
+]
+from napari_diffcut.files.owned import (
+    absolute,
+    aliases_input,
+    exists,
+    is_our_record,
+    is_ours,
+    load_record,
+)
+
 #: Suffixes whose stem is kept: ``NAME.diffcut.tif`` -> ``NAME``.
 _OWN_SUFFIXES = (".diffcut.tif", ".diffcut.tiff", ".diffcut.zarr")
-_STAGING_RE = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-[0-9a-f]+" + re.escape(STAGING_SUFFIX))
-_TEMP_STORE_RE = re.compile(r"napari-diffcut-(\d+)-")
-_MAX_RECORD_BYTES = 16 * 2**20
 _ROOM_MARGIN = 1 << 20
 
 
@@ -159,19 +175,19 @@ def plan_outputs(
         ``overwrite``, or something that napari-diffcut did not write.
     """
     lab, lev, rec = names or output_names(labels)
-    lab, lev, rec = (_absolute(p) for p in (lab, lev, rec))
-    ins = [_absolute(Path(os.fspath(x))) for x in inputs]
+    lab, lev, rec = (absolute(p) for p in (lab, lev, rec))
+    ins = [absolute(Path(os.fspath(x))) for x in inputs]
     recover_stale(lab.parent)
     wanted = [lab, *([lev] if levels else []), rec]
     for path in wanted:
         _check_not_input(path, ins)
-        if _exists(path):
+        if exists(path):
             _check_replaceable(path, overwrite, rec, owned=owned)
-    if _exists(rec) and _is_our_record(rec):
+    if exists(rec) and is_our_record(rec):
         _check_same_run(rec, lab)
     stale = tuple(
         p for p in ([] if levels else [lev])
-        if overwrite and _exists(p) and not _aliases_input(p, ins) and _is_ours(p, rec, owned)
+        if overwrite and exists(p) and not aliases_input(p, ins) and is_ours(p, rec, owned)
     )
     return OutputPlan(lab, rec, lev if levels else None, stale, int(need_bytes))
 
@@ -247,14 +263,14 @@ class OutputRun:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path.mkdir()
-            _write_journal(path, "writing", self.plan)
+            write_journal(path, "writing", [p.name for p in self.plan.outputs])
         except OSError as exc:
             shutil.rmtree(path, ignore_errors=True)
             raise DiffCutError(f"cannot write outputs in {folder}: {_reason(exc)}") from None
         self.staging = path
         self._check_room()
         if self._own_temp:
-            self._temp_before = set(_temp_stores(os.getpid()))
+            self._temp_before = set(temp_stores(os.getpid()))
         return path
 
     def staged(self, final: Path) -> Path:
@@ -308,7 +324,7 @@ class OutputRun:
         plan, staging = self.plan, self.staging
         try:
             _sync_tree(staging)
-            _write_journal(staging, "ready", plan)
+            write_journal(staging, "ready", [p.name for p in plan.outputs])
             (staging / OLD).mkdir(exist_ok=True)
             _move_aside(plan.record, staging)
             for final in plan.outputs[:-1]:
@@ -318,7 +334,7 @@ class OutputRun:
                 _move_aside(old, staging)
             os.replace(self.staged(plan.record), plan.record)
         except OSError as exc:
-            _roll_back(staging)
+            roll_back(staging)
             self.staging = None
             raise DiffCutError(
                 f"could not move outputs into {plan.folder}: {_reason(exc)}; nothing was written"
@@ -334,7 +350,7 @@ class OutputRun:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
         if self._own_temp:
-            for path in set(_temp_stores(os.getpid())) - self._temp_before:
+            for path in set(temp_stores(os.getpid())) - self._temp_before:
                 shutil.rmtree(path, ignore_errors=True)
             self._own_temp = False
 
@@ -347,161 +363,16 @@ class OutputRun:
             self.abort()
             raise DiffCutError(
                 f"not enough room in {self.plan.folder}: the outputs may take "
-                f"{_size(need)}, {_size(free)} free; free some space or choose another folder"
+                f"{format_bytes(need)}, {format_bytes(free)} free; free some space or "
+                "choose another folder"
             )
 
 
-# -- leftovers of interrupted runs ---------------------------------------------------
-
-
-def recover_stale(folder: Path) -> list[Path]:
-    """Undo the staging folders of dead runs in ``folder``; remove their temp stores.
-
-    A run whose record JSON was not yet in place is rolled back (outputs it
-    moved in are removed, outputs it moved aside come back); one whose record
-    is in place is complete and only its staging folder goes. Never raises.
-
-    Returns
-    -------
-    list of Path
-        The staging folders removed.
-    """
-    removed = []
-    try:
-        entries = list(folder.iterdir()) if folder.is_dir() else []
-    except OSError:
-        entries = []
-    for path in entries:
-        match = _STAGING_RE.fullmatch(path.name)
-        if match and _is_real_dir(path) and not _alive(int(match.group(1)), path):
-            _roll_back(path)
-            removed.append(path)
-    for store in _temp_stores(None):
-        match = _TEMP_STORE_RE.match(store.name)
-        if match and not _alive(int(match.group(1))):
-            shutil.rmtree(store, ignore_errors=True)
-    return removed
-
-
-def temp_store_prefix() -> str:
-    """Prefix of this process's temporary label stores (recognised when it dies)."""
-    return f"napari-diffcut-{os.getpid()}-"
-
-
-def _temp_stores(pid: int | None) -> list[Path]:
-    """Our temporary label stores in the system temporary folder (of ``pid``, or all)."""
-    root = Path(tempfile.gettempdir())
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return []
-    out = []
-    for path in entries:
-        match = _TEMP_STORE_RE.match(path.name)
-        if match and (pid is None or int(match.group(1)) == pid) and _is_real_dir(path):
-            try:
-                if path.lstat().st_uid == os.getuid():
-                    out.append(path)
-            except OSError:
-                continue
-    return out
-
-
-def _alive(pid: int, staging: Path | None = None) -> bool:
-    """Whether the run ``pid`` (on this host, per the journal) may still be writing."""
-    if staging is not None:
-        host = _read_journal(staging).get("host")
-        if host not in (None, socket.gethostname()):
-            return True  # another machine's run: not ours to judge
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _roll_back(staging: Path) -> None:
-    """Undo an interrupted commit (or a run that never committed), then remove ``staging``."""
-    journal = _read_journal(staging)
-    if journal.get("state") == "ready":
-        names = [str(n) for n in journal.get("outputs", [])]
-        folder = staging.parent
-        record_in_place = bool(names) and not (staging / names[-1]).exists()
-        if not record_in_place:
-            for name in names[:-1]:
-                if not (staging / name).exists() and _exists(folder / name):
-                    _remove(folder / name)  # moved in by the interrupted commit
-            old = staging / OLD
-            for entry in sorted(old.iterdir()) if old.is_dir() else []:
-                if not _exists(folder / entry.name):
-                    os.replace(entry, folder / entry.name)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_journal(staging: Path, state: str, plan: OutputPlan) -> None:
-    data = {
-        "state": state,
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "outputs": [p.name for p in plan.outputs],
-    }
-    tmp = staging / (JOURNAL + ".new")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, staging / JOURNAL)
-
-
-def _read_journal(staging: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((staging / JOURNAL).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _move_aside(final: Path, staging: Path) -> None:
-    if _exists(final):
-        os.replace(final, staging / OLD / final.name)
-
-
-# -- which existing files may be replaced ----------------------------------------------
-
-
-def _absolute(path: Path) -> Path:
-    return Path(os.path.abspath(os.fspath(path.expanduser())))
-
-
-def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
-
-
-def _is_real_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(path.lstat().st_mode)
-    except OSError:
-        return False
-
-
-def _aliases_input(path: Path, inputs: Sequence[Path]) -> bool:
-    """``path`` is an input, a link to one, or a folder holding one (or inside one)."""
-    real = Path(os.path.realpath(path))
-    for inp in inputs:
-        real_in = Path(os.path.realpath(inp))
-        if real == real_in or real_in.is_relative_to(real) or real.is_relative_to(real_in):
-            return True
-        try:
-            if path.exists() and inp.exists() and os.path.samefile(path, inp):
-                return True  # a hard link
-        except OSError:
-            continue
-    return False
+# -- checks of the plan ---------------------------------------------------------------
 
 
 def _check_not_input(path: Path, inputs: Sequence[Path]) -> None:
-    if _aliases_input(path, inputs):
+    if aliases_input(path, inputs):
         raise DiffCutError(
             f"output {path} would overwrite the input image; choose another output name "
             "(inputs are never written)"
@@ -511,7 +382,7 @@ def _check_not_input(path: Path, inputs: Sequence[Path]) -> None:
 def _check_replaceable(path: Path, overwrite: bool, record: Path, *, owned: bool) -> None:
     if not overwrite:
         raise DiffCutError(f"{path} exists; pass --overwrite to replace it or choose another name")
-    if not _is_ours(path, record, owned):
+    if not is_ours(path, record, owned):
         raise DiffCutError(
             f"{path} exists and was not written by napari-diffcut; --overwrite replaces "
             "napari-diffcut outputs only: move it or choose another name"
@@ -520,7 +391,7 @@ def _check_replaceable(path: Path, overwrite: bool, record: Path, *, owned: bool
 
 def _check_same_run(record: Path, labels: Path) -> None:
     """A record JSON of another run's labels is never reused (its labels would lose it)."""
-    data = _load_record(record)
+    data = load_record(record)
     other = data.get("output") if data else None
     if isinstance(other, str) and Path(other).name != labels.name:
         raise DiffCutError(
@@ -529,85 +400,9 @@ def _check_same_run(record: Path, labels: Path) -> None:
         )
 
 
-def _is_ours(path: Path, record: Path, owned: bool = False) -> bool:
-    """Whether ``path`` is recognisably a napari-diffcut output (any file when ``owned``)."""
-    if path.is_symlink():
-        return False
-    if owned and path.is_file():
-        return True
-    if path == record or path.suffix.lower() == ".json":
-        return _is_our_record(path)
-    if path.suffix.lower() == ".zarr":
-        return _is_label_zarr(path)
-    if not path.is_file():
-        return False
-    return _is_our_tiff(path) or _named_by_record(path, record)
-
-
-def _load_record(path: Path) -> dict[str, Any] | None:
-    try:
-        if not stat.S_ISREG(path.lstat().st_mode) or path.stat().st_size > _MAX_RECORD_BYTES:
-            return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _is_our_record(path: Path) -> bool:
-    data = _load_record(path)
-    return data is not None and "napari_diffcut_version" in data
-
-
-def _named_by_record(path: Path, record: Path) -> bool:
-    """A label file named as its output by the record beside it (outputs of older versions)."""
-    data = _load_record(record) if _is_our_record(record) else None
-    if not data:
-        return False
-    named = {Path(str(data[k])).name for k in ("output", "levels_output") if data.get(k)}
-    return path.name in named
-
-
-def _is_our_tiff(path: Path) -> bool:
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            return tif.pages[0].software == TIFF_SOFTWARE  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        return False
-
-
-def _is_label_zarr(path: Path) -> bool:
-    """A Zarr folder holding only array metadata and chunks (a label store or result)."""
-    from napari_diffcut.files.store import is_result_store
-
-    if not _is_real_dir(path):
-        return False
-    if is_result_store(path):
-        return True
-    try:
-        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    if not isinstance(meta, dict) or meta.get("node_type") != "array":
-        return False
-    for root, dirs, files in os.walk(path):
-        rel = Path(root).relative_to(path).parts
-        if rel and (rel[0] != "c" or not all(p.isdigit() for p in rel[1:])):
-            return False
-        if any(f != "zarr.json" and not (rel and f.isdigit()) for f in files):
-            return False
-        if not rel and any(d != "c" for d in dirs):
-            return False
-    return True
-
-
-def _remove(path: Path) -> None:
-    if _is_real_dir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _move_aside(final: Path, staging: Path) -> None:
+    if exists(final):
+        os.replace(final, staging / OLD / final.name)
 
 
 def _sync_tree(root: Path) -> None:
@@ -637,11 +432,3 @@ def _fsync_dir(folder: Path) -> None:
 def _reason(exc: OSError) -> str:
     """The OS's words for a failure ("No space left on device"), without a traceback."""
     return exc.strerror or str(exc)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"

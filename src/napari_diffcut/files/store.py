@@ -48,9 +48,22 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_diffcut.core.errors import DiffCutError, check_threshold
+from napari_diffcut.files import store_check
+from napari_diffcut.files.store_check import (
+    ARRAYS,
+    DECODED,
+    check_array_meta,
+    check_decoding,
+    check_shapes,
+    check_sizes,
+    check_tree,
+    read_header,
+    read_json,
+    shape_pair,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from napari_diffcut.core.hierarchy import Hierarchy, TreeArrays
+    from napari_diffcut.core.hierarchy import Hierarchy
     from napari_diffcut.pipeline.segmentation import Segmentation
 
 #: Value of the header's "format" key; marks a store as ours.
@@ -61,35 +74,8 @@ FORMAT_VERSION = 1
 SUFFIX = ".diffcut.zarr"
 #: Group attribute that holds the header.
 ATTR = "napari_diffcut"
-#: Zarr v3 codecs accepted on load: byte order, compression, checksums only.
-#: Anything else (e.g. ``numcodecs.pickle``, sharding) is refused before decoding.
-SAFE_CODECS = frozenset({"bytes", "zstd", "gzip", "blosc", "crc32c", "transpose"})
-#: Expected array, dtype kind and number of dimensions.
-_ARRAYS: dict[str, tuple[str, int]] = {
-    "labels": ("u", 2),
-    "pixel_leaf": ("i", 2),
-    "levels": ("u", 3),
-    "tree/parent": ("i", 1),
-    "tree/cost": ("f", 1),
-    "tree/size": ("i", 1),
-    "tree/depth": ("i", 1),
-    "tree/leaf_of_patch": ("i", 1),
-}
-_NUMERIC = frozenset(
-    {
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float32",
-        "float64",
-    }
-)
+#: Zarr v3 codecs accepted on load (see :mod:`napari_diffcut.files.store_check`).
+SAFE_CODECS = store_check.SAFE_CODECS
 
 
 @dataclass
@@ -136,6 +122,12 @@ def result_path(path: str | os.PathLike[str]) -> Path:
         raise ValueError(
             f"path must name a result store such as 'cells{SUFFIX}', got {str(path)!r}"
         )
+    if Path(name).suffix.lower() in (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".json"):
+        raise ValueError(
+            f"save writes a result store (a folder) named like 'cells{SUFFIX}', not a "
+            f"{Path(name).suffix} file, got {str(path)!r}; for a label TIFF use "
+            "napari_diffcut.results.export.write_labels_tiff(path, seg.labels)"
+        )
     if name.endswith(".zarr"):
         name = name[: -len(".zarr")]
     return p.with_name(name + SUFFIX)
@@ -148,9 +140,9 @@ def is_result_store(path: str | os.PathLike[str]) -> bool:
     reader to tell our stores from foreign ones.
     """
     try:
-        header = _read_json(Path(os.fspath(path)) / "zarr.json")
+        header = read_json(Path(os.fspath(path)) / "zarr.json")
         return header.get("attributes", {}).get(ATTR, {}).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError, TypeError, DiffCutError):
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError, DiffCutError):
         return False
 
 
@@ -205,8 +197,13 @@ def save(
     edited = _check_labels(seg.labels if labels is None else labels, seg.shape)
     header = _header(seg, threshold, layer)
     _check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise DiffCutError(
+            f"could not save the result to {target}: {exc.strerror or exc}"
+        ) from None
     try:
         _write_group(tmp, seg, edited, header)
         _replace_dir(tmp, target)
@@ -375,105 +372,23 @@ def _replace_dir(new: Path, target: Path) -> None:
 # -- reading -------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """Parse a small JSON metadata file."""
-    if not path.is_file():
-        raise DiffCutError(f"missing {path.name}")
-    if path.stat().st_size > 16 * 2**20:
-        raise DiffCutError(f"{path.name} is too large for metadata")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise DiffCutError(f"{path.name} is not a JSON object")
-    return data
-
-
-def _read_header(root: Path) -> dict[str, Any]:
-    """The validated header of the store at ``root``."""
-    if not root.is_dir():
-        raise DiffCutError("no such folder" if not root.exists() else "not a folder")
-    group_meta = _read_json(root / "zarr.json")
-    if group_meta.get("zarr_format") != 3 or group_meta.get("node_type") != "group":
-        raise DiffCutError("not a Zarr v3 group")
-    header = group_meta.get("attributes", {}).get(ATTR)
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise DiffCutError(f"no {ATTR!r} header (a Zarr store from another tool?)")
-    version = header.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise DiffCutError(f"bad format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise DiffCutError(
-            f"format_version {version} was written by a newer napari-diffcut "
-            f"({header.get('version')}); this version reads up to "
-            f"{FORMAT_VERSION}: upgrade"
-        )
-    for key, kind in (("settings", dict), ("grid_shape", list), ("shape", list)):
-        if not isinstance(header.get(key), kind):
-            raise DiffCutError(f"header key {key!r} missing or not a {kind.__name__}")
-    return header
-
-
-def _check_array_meta(root: Path, name: str) -> tuple[int, ...]:
-    """Check an array's JSON metadata before zarr decodes anything (no pickles).
-
-    Returns the array's shape, so the caller can check it against the header
-    before any chunk is decoded (a forged shape must not exhaust memory).
-    """
-    if not (root / name / "zarr.json").is_file():
-        raise DiffCutError(f"array {name!r} is missing")
-    meta = _read_json(root / name / "zarr.json")
-    kind, ndim = _ARRAYS[name]
-    dtype = meta.get("data_type")
-    if meta.get("node_type") != "array" or not isinstance(dtype, str) or dtype not in _NUMERIC:
-        raise DiffCutError(f"array {name!r} has data type {dtype!r}; expected a numeric type")
-    if np.dtype(dtype).kind != kind or len(meta.get("shape", ())) != ndim:
-        raise DiffCutError(f"array {name!r} is {dtype} with shape {meta.get('shape')}")
-    codecs = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs", [])]
-    unsafe = [c for c in codecs if c not in SAFE_CODECS]
-    if unsafe or meta.get("storage_transformers"):
-        raise DiffCutError(
-            f"array {name!r} uses codecs {unsafe or meta.get('storage_transformers')}; "
-            f"only {sorted(SAFE_CODECS)} are opened (no pickles)"
-        )
-    shape = meta["shape"]
-    if not all(isinstance(v, int) and v >= 0 for v in shape):
-        raise DiffCutError(f"array {name!r} has a bad shape {shape!r}")
-    return tuple(shape)
-
-
-def _check_shapes(
-    shapes: dict[str, tuple[int, ...]], shape: tuple[int, int], grid: tuple[int, int]
-) -> None:
-    """Array shapes (from their JSON metadata) agree with the header."""
-    n = shapes["tree/parent"][0]
-    want: dict[str, tuple[int, ...]] = {
-        "labels": shape,
-        "pixel_leaf": shape,
-        "tree/cost": (n,),
-        "tree/size": (n,),
-        "tree/depth": (n,),
-        "tree/leaf_of_patch": (grid[0] * grid[1],),
-    }
-    bad = [f"{k} is {shapes[k]}, expected {v}" for k, v in want.items() if shapes[k] != v]
-    if shapes["levels"][1:] != shape:
-        bad.append(f"levels is {shapes['levels']}, expected (L, {shape[0]}, {shape[1]})")
-    if bad:
-        raise DiffCutError("array shapes do not match the header: " + "; ".join(bad))
-
-
 def _read(root: Path) -> StoredParts:
     """Read and validate a store (raises DiffCutError or any decoder error)."""
     import zarr
 
     from napari_diffcut.core.hierarchy import Hierarchy, TreeArrays
 
-    header = _read_header(root)
-    grid, shape = _shape_pair(header["grid_shape"]), _shape_pair(header["shape"])
-    _check_shapes({name: _check_array_meta(root, name) for name in _ARRAYS}, shape, grid)
+    header = read_header(root, ATTR, FORMAT, FORMAT_VERSION)
+    grid, shape = shape_pair(header["grid_shape"]), shape_pair(header["shape"])
+    check_sizes(shape, grid)
+    metas = {name: check_array_meta(root, name) for name in ARRAYS}
+    check_shapes({name: meta[0] for name, meta in metas.items()}, shape, grid)
+    check_decoding(root, metas)
     # use_consolidated=False: zarr would otherwise take every array's metadata
     # from a copy in the group's zarr.json, bypassing the checks just made.
     group = zarr.open_group(str(root), mode="r", zarr_format=3, use_consolidated=False)
     # "levels" is for other tools only: it is recomputed from the tree, never decoded.
-    data = {name: np.array(group[name][...]) for name in _ARRAYS if name != "levels"}
+    data = {name: np.array(group[name][...]) for name in DECODED}
     tree = TreeArrays(
         parent=data["tree/parent"].astype(np.int64),
         cost=data["tree/cost"].astype(np.float64),
@@ -481,7 +396,7 @@ def _read(root: Path) -> StoredParts:
         depth=data["tree/depth"].astype(np.int64),
         leaf_of_patch=data["tree/leaf_of_patch"].astype(np.int64),
     )
-    _check_tree(tree, grid)
+    check_tree(tree, grid)
     pixel_leaf = data["pixel_leaf"].astype(np.int32)
     labels = data["labels"].astype(np.uint32)
     if pixel_leaf.shape != shape or labels.shape != shape:
@@ -499,30 +414,3 @@ def _read(root: Path) -> StoredParts:
         Hierarchy(tree, grid, threshold), pixel_leaf, header["settings"], labels,
         str(header.get("version", "unknown")), layer,
     )
-
-
-def _shape_pair(value: list[Any]) -> tuple[int, int]:
-    """A (rows, cols) pair of positive ints from the header."""
-    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
-        raise DiffCutError(f"bad shape {value!r} in header; expected two positive integers")
-    return (value[0], value[1])
-
-
-def _check_tree(tree: TreeArrays, grid: tuple[int, int]) -> None:
-    """The tree arrays describe one breadth-first tree on ``grid`` patches."""
-    n = tree.n_nodes
-    if n < 1 or any(a.shape != (n,) for a in (tree.cost, tree.size, tree.depth)):
-        raise DiffCutError(f"tree arrays must all have the same length >= 1, got {n} parents")
-    parent, depth = tree.parent, tree.depth
-    ids = np.arange(n)
-    # Breadth-first ids: the root is 0 and every parent precedes its child.
-    if parent[0] != -1 or depth[0] != 0 or np.any(parent[1:] < 0) or np.any(parent[1:] >= ids[1:]):
-        raise DiffCutError("tree/parent is not a breadth-first tree (root 0, parent < child)")
-    if np.any(depth[1:] != depth[parent[1:]] + 1):
-        raise DiffCutError("tree/depth does not match tree/parent")
-    if tree.leaf_of_patch.size != grid[0] * grid[1]:
-        raise DiffCutError(
-            f"tree/leaf_of_patch has {tree.leaf_of_patch.size} patches, grid is {grid}"
-        )
-    if tree.leaf_of_patch.size and (tree.leaf_of_patch.min() < 0 or tree.leaf_of_patch.max() >= n):
-        raise DiffCutError(f"tree/leaf_of_patch refers to nodes outside 0..{n - 1}")

@@ -34,7 +34,7 @@ from napari_diffcut.core.image import (
     resolve_channel_axis,
     to_rgb,
 )
-from napari_diffcut.files.outputs import temp_store_prefix
+from napari_diffcut.files.leftovers import temp_store_prefix
 from napari_diffcut.pipeline.engine import ModelCache
 from napari_diffcut.pipeline.plane import base_record, budget_bytes, latent_side, segment_rgb
 from napari_diffcut.pipeline.segmentation import Segmentation

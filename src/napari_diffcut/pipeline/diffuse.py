@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from napari_diffcut.core.budget import require_graph_fits
 from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.core.image import latent_grid, resize
 from napari_diffcut.core.walk import aggregate_attention, check_resolution_weights
@@ -46,6 +47,9 @@ def diffuse_stage(
     pf = model.patch_factor
     grid = latent_grid(image_shape or rgb.shape[:2], max(1, latent // pf), max(1, 8 // pf))
     latent_hw = (grid[0] * pf, grid[1] * pf)
+    vae = model.vae_scale_factor
+    # Refused before the image is encoded or any N x N matrix exists (issue 12).
+    require_graph_fits(grid, (latent_hw[0] * vae, latent_hw[1] * vae))
     record.update(
         device_used=str(model.device),
         dtype_used=str(model.dtype).replace("torch.", ""),

@@ -28,11 +28,17 @@ class ModelCache:
 
     def model_for(self, settings: Settings) -> Any:
         """The loaded model for ``settings`` (loading it when needed)."""
-        from napari_diffcut.attention.model import load_model
-
         s = settings
         key = (s.model, s.device, s.dtype, s.revision, s.allow_pickle)
         if self._key != key:
+            from napari_diffcut.attention.preflight import check_model
+
+            # A missing folder or an uncached model with no network fails here at
+            # once, before torch and diffusers are imported (tens of seconds on a
+            # small machine) and before huggingface_hub retries the hub.
+            check_model(s.model, revision=s.revision, allow_pickle=s.allow_pickle)
+            from napari_diffcut.attention.model import load_model
+
             self.unload()
             self._model = load_model(
                 settings.model,

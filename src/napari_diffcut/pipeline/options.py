@@ -9,12 +9,19 @@ Only the standard library is imported, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
-from napari_diffcut.pipeline.settings import DEFAULT_MODEL
+from napari_diffcut.attention.preflight import check_device_name, check_dtype_name
+
+#: The default model, spelled here rather than imported: importing
+#: :mod:`napari_diffcut.pipeline.settings` pulls in numpy and scipy (about 1 s),
+#: and every command line, even a mistaken one, builds these options.
+#: tests/cli/test_cli.py checks it equals ``settings.DEFAULT_MODEL``.
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 class UserError(Exception):
@@ -68,6 +75,35 @@ def _channel_axis(text: str) -> int | str:
         raise argparse.ArgumentTypeError(msg) from None
 
 
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type for integers in [minimum, maximum]: a one-line error at parse
+    time, before the settings module (numpy, scipy) is imported."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}")
+        return value
+
+    return convert
+
+
+def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse type from a ``ValueError``-raising check (a one-line usage error)."""
+
+    def convert(text: str) -> str:
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
 def add_segment_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that segments (segment, batch, evaluate)."""
     g = parser.add_argument_group("segmentation")
@@ -83,9 +119,20 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
         default="diffusion",
         help="diffusion: Stable Diffusion self-attention; pixels: weight-free colour/position walk",
     )
-    add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    # Spellings are checked here, before torch is imported (a mistake answers at once);
+    # whether CUDA or MPS is there is known only once torch is.
     add(
-        "--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), float16, bfloat16, float32"
+        "--device",
+        type=_checked(check_device_name),
+        default="auto",
+        help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps",
+    )
+    add(
+        "--dtype",
+        type=_checked(check_dtype_name),
+        default="auto",
+        help="auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), float16, "
+        "bfloat16, float32",
     )
     add(
         "--mode",
@@ -95,13 +142,13 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--timestep",
-        type=int,
+        type=_at_least(0, 999),
         default=300,
         help="UNet timestep of fast mode (default 300, DiffSeg)",
     )
-    add("--steps", type=int, default=10, help="DDIM-inversion steps of 50 (default 10)")
+    add("--steps", type=_at_least(1), default=10, help="DDIM-inversion steps of 50 (default 10)")
     add("--noise", action="store_true", help="fast mode: add seeded DDPM noise (DiffCut style)")
-    add("--power", type=int, default=1, help="walk length k: use P^k (default 1)")
+    add("--power", type=_at_least(1), default=1, help="walk length k: use P^k (default 1)")
     add(
         "--graph",
         choices=("walk", "similarity"),
@@ -114,15 +161,20 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="NCut threshold in (0, 1], or auto (default)",
     )
-    add("--min-size", type=int, default=16, help="minimum segment size in patches (default 16)")
-    add("--max-depth", type=int, default=8, help="maximum tree depth (default 8)")
+    add(
+        "--min-size",
+        type=_at_least(1),
+        default=16,
+        help="minimum segment size in patches (default 16)",
+    )
+    add("--max-depth", type=_at_least(1), default=8, help="maximum tree depth (default 8)")
     add(
         "--resolution-weights",
         type=_weights,
         default=None,
         help="attention weights per downsampling factor, e.g. '1:8,2:4,4:2,8:1'",
     )
-    add("--seed", type=int, default=0, help="seed of eigen-solver start vectors and noise")
+    add("--seed", type=_at_least(0), default=0, help="seed of eigen-solver start vectors and noise")
     add("--revision", default=None, help="model revision (hub models)")
     add(
         "--allow-pickle",
@@ -150,20 +202,20 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--working-size",
-        type=int,
+        type=_at_least(64),
         default=None,
         help="working size in pixels of a square image (default: the model's; SD 1.5: 512)",
     )
     add(
         "--tile-size",
-        type=int,
+        type=_at_least(64),
         default=None,
         help="tiled mode: tiles of this many pixels, stitched (default: the whole image at "
         "the working size)",
     )
     add(
         "--tile-overlap",
-        type=int,
+        type=_at_least(0),
         default=None,
         help="overlap of neighbouring tiles in pixels (default: tile size / 8)",
     )
@@ -174,7 +226,7 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--memory-budget",
-        type=int,
+        type=_at_least(1),
         default=512,
         help="MiB of labels held in memory; larger label images go to zarr (default 512)",
     )
@@ -220,9 +272,17 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         raise UserError(str(exc)) from None
 
 
-def print_progress(quiet: bool) -> Callable[[Any], None] | None:
-    """A progress printer for stderr (one line per stage change)."""
-    if quiet:
+def print_progress(quiet: bool, stream: TextIO | None = None) -> Callable[[Any], None] | None:
+    """A live status line for a terminal: the current stage, rewritten in place.
+
+    The command prints one line per image when it is done; the stages of the
+    run in between (load, encode, diffuse, walk, cut, upsample) are shown on
+    one line that each new stage overwrites, and only when ``stream`` (default:
+    stderr) is a terminal, so logs and pipes get the per-image lines alone.
+    Returns None (no progress) when ``quiet`` or not a terminal.
+    """
+    out = stream if stream is not None else sys.stderr
+    if quiet or not (hasattr(out, "isatty") and out.isatty()):
         return None
     last: list[str] = [""]
     start = time.perf_counter()
@@ -230,9 +290,18 @@ def print_progress(quiet: bool) -> Callable[[Any], None] | None:
     def show(event: Any) -> None:
         if event.stage != last[0]:
             last[0] = event.stage
-            print(
-                f"[{time.perf_counter() - start:6.1f}s] {event.stage}: {event.message}",
-                file=sys.stderr,
-            )
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            line = f"[{time.perf_counter() - start:6.1f}s] {event.stage}: {event.message}"
+            out.write("\r" + line[:width].ljust(width))
+            out.flush()
 
     return show
+
+
+def clear_progress(stream: TextIO | None = None) -> None:
+    """Erase the live status line (before the per-image line is printed)."""
+    out = stream if stream is not None else sys.stderr
+    if hasattr(out, "isatty") and out.isatty():
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        out.write("\r" + " " * width + "\r")
+        out.flush()

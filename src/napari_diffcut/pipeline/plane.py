@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from napari_diffcut.core.budget import require_graph_fits
 from napari_diffcut.core.hierarchy import Hierarchy, iter_ncut_tree
 from napari_diffcut.core.image import latent_grid, resize, to_rgb
 from napari_diffcut.core.upsample import soft_upsample
@@ -90,6 +91,7 @@ def segment_rgb(
 
         latent = s.working_size // PIXELS_PATCH if s.working_size else PIXELS_NATIVE_LATENT
         grid = latent_grid(out_hw, latent)
+        require_graph_fits(grid, (grid[0] * PIXELS_PATCH, grid[1] * PIXELS_PATCH))
         yield Progress("walk", 0, 1, f"pixels backbone on a {grid[0]}x{grid[1]} grid")
         work = resize(rgb, (grid[0] * PIXELS_PATCH, grid[1] * PIXELS_PATCH))
         record["working_size"] = [grid[0] * PIXELS_PATCH, grid[1] * PIXELS_PATCH]
@@ -165,6 +167,9 @@ def base_record(s: Settings, image: Any, out_shape: tuple[int, ...]) -> dict[str
     from napari_diffcut.core.version import __version__
 
     rec = s.as_dict()
+    if s.backbone == "pixels":
+        # No model is loaded by the weight-free backbone: the record must not name one.
+        rec.update(model=None, revision=None, allow_pickle=None)
     rec.update(
         napari_diffcut_version=__version__,
         image_shape=list(image.shape),

@@ -19,9 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import napari
+from magicgui.backends._qtpy.widgets import QBaseRangedWidget
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton, SpinBox
+from magicgui.widgets.bases import RangedWidget
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QSizePolicy
+from qtpy.QtWidgets import QComboBox, QSizePolicy, QSpinBox
 
 from napari_diffcut.pipeline.settings import BACKBONES, DEFAULT_MODEL, MODES, Settings
 from napari_diffcut.plugin.fields import (
@@ -56,6 +58,27 @@ def narrow_combo(combo: ComboBox) -> ComboBox:
     native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     native.setMinimumContentsLength(COMBO_CHARS)
     return combo
+
+
+class _QtSpinBox(QBaseRangedWidget):
+    """magicgui's spin box on a plain ``QSpinBox``.
+
+    magicgui's own ``SpinBox`` is superqt's ``QLargeIntSpinBox``, which ignores
+    ``setSpecialValueText``: an "off" value of 0 (or -1) showed as a number.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(QSpinBox, **kwargs)
+
+    def _mgui_set_value(self, value: Any) -> None:
+        super()._mgui_set_value(int(value))
+
+
+def word_spin(special: str, **kwargs: Any) -> RangedWidget:
+    """An integer spin box whose minimum reads as the word ``special`` (e.g. "off")."""
+    spin = RangedWidget(widget_type=_QtSpinBox, **kwargs)
+    spin.native.setSpecialValueText(special)
+    return spin
 
 
 def tight_row(widgets: list[Any], label: str) -> Container:
@@ -123,7 +146,8 @@ class DiffCutForm(Container):
         self.model_edit.native.setMinimumWidth(60)
         self.browse_button = PushButton(text="...", tooltip="choose a local model folder")
         self.browse_button.native.setMaximumWidth(32)
-        self.working_size_spin = SpinBox(
+        self.working_size_spin = word_spin(
+            "model",
             label="working size",
             min=0,
             max=4096,
@@ -132,8 +156,8 @@ class DiffCutForm(Container):
             tooltip="side in pixels the model works at (model: its own, 512 for SD 1.5); "
             "smaller is faster and coarser",
         )
-        self.working_size_spin.native.setSpecialValueText("model")
-        self.tile_size_spin = SpinBox(
+        self.tile_size_spin = word_spin(
+            "off",
             label="tile size",
             min=0,
             max=65536,
@@ -143,7 +167,6 @@ class DiffCutForm(Container):
             "larger than N pixels are cut into N x N tiles, segmented alone and stitched (one "
             "label per object across tile borders; no levels, no threshold slider)",
         )
-        self.tile_size_spin.native.setSpecialValueText("off")
         # Choices from a callable: napari resets the choices of docked magicgui
         # widgets when layers change, and a fixed list would be restored then.
         self.channel_axis_combo = narrow_combo(
@@ -442,4 +465,4 @@ class DiffCutForm(Container):
         return settings_from_fields(self.fields(), threshold)
 
 
-__all__ = ["DiffCutForm", "narrow_combo", "tight_row", "wrap_label"]
+__all__ = ["DiffCutForm", "narrow_combo", "tight_row", "word_spin", "wrap_label"]

@@ -254,7 +254,7 @@ class RunPanel(Container):
         if self._disposed:
             return
         self._timer.stop()
-        self._pending = None
+        self._show_progress()  # the last bar (planes, tiles) stays up
         self.status_label.value = "adding the result layers"
         layers: list[Any] = []
         steps = apply(out)
