@@ -34,15 +34,15 @@ def unet_forward_times(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((1, 4, latent, latent), generator=gen).to(model.device, model.dtype)
     t = torch.tensor([300], device=model.device)
-    emb = model.empty_embedding
+    cond = model.unet_kwargs((latent, latent))  # SDXL-class: also pooled embedding, time ids
 
     def default() -> Any:
-        return unet(x, t, encoder_hidden_states=emb).sample
+        return unet(x, t, **cond).sample
 
     def capture() -> Any:
         sink = AttentionSink((latent, latent), factors=factors)
         with capture_self_attention(unet, sink):
-            return unet(x, t, encoder_hidden_states=emb).sample
+            return unet(x, t, **cond).sample
 
     base, capt = Timing(), Timing()
     load_before = load_average()

@@ -29,8 +29,11 @@ def _softmax_rows(rng: np.random.Generator, n: int, scale: float = 3.0) -> np.nd
 
 
 def test_aggregation_matches_numpy(rng: np.random.Generator) -> None:
-    per_res = {(16, 12): _softmax_rows(rng, 192), (8, 6): _softmax_rows(rng, 48),
-               (4, 3): _softmax_rows(rng, 12)}
+    per_res = {
+        (16, 12): _softmax_rows(rng, 192),
+        (8, 6): _softmax_rows(rng, 48),
+        (4, 3): _softmax_rows(rng, 12),
+    }
     weights = {(16, 12): 0.5, (8, 6): 0.3, (4, 3): 0.2}
     for w in (None, weights):
         ref = aggregate_attention(per_res, w)

@@ -346,3 +346,47 @@ def test_help_is_fast_and_light() -> None:
         timeout=60,
     ).stdout
     assert "--threshold" in out and "--backbone" in out and "--sample" in out
+
+
+def _cache_copy(model: Path, cache: Path, repo: str) -> None:
+    """Lay ``model`` out as huggingface_hub caches a download of ``repo``."""
+    import shutil
+
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    commit = "1" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    shutil.copytree(model, folder / "snapshots" / commit)
+    # A real first download records the optional files the repo lacks; transformers
+    # asks for tokenizer/config.json and, offline, needs to know it does not exist.
+    missing = folder / ".no_exist" / commit / "tokenizer" / "config.json"
+    missing.parent.mkdir(parents=True)
+    missing.touch()
+
+
+def test_cached_hub_model_loads_without_the_network(
+    tiny_model: Path, image_file: Path, tmp_path: Path
+) -> None:
+    """Cached, hub unreachable: the run reads the cache instead of retrying the hub."""
+    import os
+    import socket
+    import time
+
+    cache = tmp_path / "hub"
+    _cache_copy(tiny_model, cache, "owner/tiny")
+    with socket.socket() as s:  # a closed local port: every connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_HUB_CACHE=str(cache), HTTPS_PROXY=f"http://127.0.0.1:{port}")
+    out = tmp_path / "labels.tif"
+    start = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-m", "napari_diffcut", "segment", str(image_file), "--model",
+         "owner/tiny", "--min-size", "2", "--threshold", "0.9", "-o", str(out), "-q"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert tifffile.imread(out).shape == (96, 144)
+    assert json.loads((tmp_path / "labels.diffcut.json").read_text())["model"] == "owner/tiny"
+    assert time.perf_counter() - start < 120  # no hub retries

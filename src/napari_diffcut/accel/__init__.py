@@ -2,7 +2,8 @@
 
 A torch twin of :mod:`napari_diffcut.core` for runs whose model is on a GPU:
 aggregation of the captured attention, the stationary distribution, the power
-walk and the graph (:mod:`~napari_diffcut.accel.walk`), the NCut tree with a
+walk and the graph (:mod:`~napari_diffcut.accel.walk`, Krylov-Schur for pi in
+:mod:`~napari_diffcut.accel.krylov`), the NCut tree with a
 batched, restarted Lanczos solver for the Fiedler vectors of all nodes of one
 depth at once (:mod:`~napari_diffcut.accel.lanczos`,
 :mod:`~napari_diffcut.accel.ncut`, :mod:`~napari_diffcut.accel.tree`) and the

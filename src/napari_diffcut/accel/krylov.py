@@ -98,9 +98,7 @@ def _arnoldi(op: torch.Tensor, basis: torch.Tensor, proj: torch.Tensor, first: i
     return m
 
 
-def _top_ritz(
-    h: np.ndarray, coupling: np.ndarray | None
-) -> tuple[float, np.ndarray, float]:
+def _top_ritz(h: np.ndarray, coupling: np.ndarray | None) -> tuple[float, np.ndarray, float]:
     """Ritz value of largest real part, its unit (real) vector and residual ``|coupling . y|``."""
     vals, vecs = np.linalg.eig(h)
     top = int(np.argmax(vals.real))

@@ -25,7 +25,8 @@ from numpy.typing import NDArray
 
 from napari_diffcut.accel.ncut import BlockBatch, fiedler_vectors, gather_blocks, sweep_cuts
 from napari_diffcut.core.errors import check_int, check_threshold
-from napari_diffcut.core.hierarchy import STRUCTURELESS_COST, Hierarchy, TreeArrays
+from napari_diffcut.core.hierarchy import NULL_RATIO, STRUCTURELESS_COST, Hierarchy, TreeArrays
+from napari_diffcut.core.null import NullModel, null_model
 
 #: Degrees at or below this are isolated nodes (as in core.hierarchy._split_subgraph).
 ISOLATED = 1e-300
@@ -64,7 +65,7 @@ def size_buckets(sizes: list[int]) -> list[list[int]]:
     >>> size_buckets([4096])
     [[0]]
     >>> size_buckets([40, 2000, 33, 1900, 100])
-    [[1, 3], [4], [0], [2]]
+    [[1, 3], [4], [0, 2]]
     """
     keys = [int(np.ceil(np.log2(max(s, 1)))) for s in sizes]
     return [[i for i, k in enumerate(keys) if k == key] for key in sorted(set(keys), reverse=True)]
@@ -156,6 +157,7 @@ def iter_ncut_tree_torch(
     min_size: int = 16,
     max_depth: int = 8,
     seed: int = 0,
+    grid_shape: tuple[int, int] | None = None,
     tol: float = 1e-8,
     device: torch.device | str | None = None,
 ) -> Generator[tuple[int, int], None, TreeArrays]:
@@ -165,6 +167,12 @@ def iter_ncut_tree_torch(
     (module docstring): a node becomes a leaf when it has fewer than
     ``2 * min_size`` patches, reaches ``max_depth``, or its best split costs at
     least 1. The graph is used in float32 on its device (or ``device``).
+
+    With ``grid_shape``, the splits the automatic cut reaches also record
+    their null cost, as the numpy path does (:mod:`napari_diffcut.core.null`):
+    the null model's kernel and its FFT cut costs are computed by the numpy
+    core on the host, the extra split of each reached node on the null graph
+    in the same batched solver, one batch per depth.
 
     Yields
     ------
@@ -182,6 +190,10 @@ def iter_ncut_tree_torch(
     members: dict[int, NDArray[np.int64]] = {0: np.arange(n)}
     leaf_of_patch = np.zeros(n, np.int64)
     bound = max(1, min(2**max_depth - 1, n // max(min_size, 1)))
+    null = None if grid_shape is None else null_model(w.cpu().numpy(), grid_shape)
+    null_w = None if null is None else torch.from_numpy(null.dense).to(w.device)
+    null_cost = [float("nan")]
+    auto_ok: dict[int, bool] = {}
     done = 0
     frontier = [0]
     for level in range(max_depth):
@@ -194,6 +206,19 @@ def iter_ncut_tree_torch(
             )
         done += len(nodes)
         yield done, bound
+        if null is not None and null_w is not None:
+            reached = [
+                (v, sp)
+                for v, sp in zip(nodes, splits, strict=True)
+                if sp is not None
+                and sp[1] < STRUCTURELESS_COST
+                and (parent[v] < 0 or auto_ok.get(parent[v], False))
+            ]
+            with cpu_threads(w.device):
+                nulls = _null_costs(null, null_w, members, reached, min_size, seed, tol)
+            for (v, sp), c0 in zip(reached, nulls, strict=True):
+                null_cost[v] = c0
+                auto_ok[v] = sp[1] < NULL_RATIO * c0
         frontier = []
         for node, split in zip(nodes, splits, strict=True):
             idx = members.pop(node)
@@ -207,6 +232,7 @@ def iter_ncut_tree_torch(
                 child = len(parent)
                 parent.append(node)
                 cost.append(float("nan"))
+                null_cost.append(float("nan"))
                 size.append(len(side))
                 depth.append(level + 1)
                 members[child] = side
@@ -218,7 +244,40 @@ def iter_ncut_tree_torch(
         size=np.asarray(size, np.int64),
         depth=np.asarray(depth, np.int64),
         leaf_of_patch=leaf_of_patch,
+        null_cost=None if null is None else np.asarray(null_cost, np.float64),
     )
+
+
+def _null_costs(
+    null: NullModel,
+    null_w: torch.Tensor,
+    members: dict[int, NDArray[np.int64]],
+    reached: list[tuple[int, tuple[NDArray[np.bool_], float]]],
+    min_size: int,
+    seed: int,
+    tol: float,
+) -> list[float]:
+    """Null cost of each reached split (``core.hierarchy``'s rule), the null splits batched.
+
+    The smaller of the real split's NCut under the null graph (FFT, host) and
+    the best split the solver finds on the null graph restricted to the node.
+    """
+    if not reached:
+        return []
+    n = null_w.shape[0]
+    best = split_nodes(
+        null_w, [members[v] for v, _ in reached], min_size=min_size, seed=seed, tol=tol
+    )
+    out = []
+    for (v, (mask, _)), b in zip(reached, best, strict=True):
+        idx = members[v]
+        a_side = np.zeros(n, bool)
+        b_side = np.zeros(n, bool)
+        a_side[idx[mask]] = True
+        b_side[idx[~mask]] = True
+        same = null.ncut(a_side, b_side)
+        out.append(float(np.nanmin([same, np.inf if b is None else b[1]])))
+    return out
 
 
 def build_tree_torch(
@@ -227,6 +286,7 @@ def build_tree_torch(
     min_size: int = 16,
     max_depth: int = 8,
     seed: int = 0,
+    grid_shape: tuple[int, int] | None = None,
     tol: float = 1e-8,
     device: torch.device | str | None = None,
 ) -> TreeArrays:
@@ -237,10 +297,16 @@ def build_tree_torch(
     >>> blocks = torch.kron(torch.eye(2), torch.ones(8, 8)) + 0.01
     >>> tree = build_tree_torch(blocks, min_size=2, max_depth=1)
     >>> tree.size.tolist(), round(float(tree.cost[0]), 4)
-    ([16, 8, 8], 0.0155)
+    ([16, 8, 8], 0.0196)
     """
     gen = iter_ncut_tree_torch(
-        affinity, min_size=min_size, max_depth=max_depth, seed=seed, tol=tol, device=device
+        affinity,
+        min_size=min_size,
+        max_depth=max_depth,
+        seed=seed,
+        grid_shape=grid_shape,
+        tol=tol,
+        device=device,
     )
     while True:
         try:
@@ -291,5 +357,8 @@ def ncut_hierarchy_torch(
             f"(transition shape {tuple(p.shape)})"
         )
     affinity, _ = build_affinity_torch(p, power=power, graph=graph)
-    tree = build_tree_torch(affinity, min_size=min_size, max_depth=max_depth, seed=seed)
-    return Hierarchy(tree, (int(grid_shape[0]), int(grid_shape[1])), threshold)
+    grid = (int(grid_shape[0]), int(grid_shape[1]))
+    tree = build_tree_torch(
+        affinity, min_size=min_size, max_depth=max_depth, seed=seed, grid_shape=grid
+    )
+    return Hierarchy(tree, grid, threshold)

@@ -20,7 +20,6 @@ from napari_diffcut.core.errors import check_choice
 from napari_diffcut.core.walk import GRAPHS, default_weights, interpolation_matrix
 
 
-
 def as_tensor(
     array: NDArray[np.floating] | torch.Tensor,
     *,
@@ -119,9 +118,7 @@ def aggregate_attention_torch(
     return normalize_rows_torch(total)
 
 
-def stationary_distribution_torch(
-    transition: torch.Tensor, *, tol: float = 1e-12
-) -> torch.Tensor:
+def stationary_distribution_torch(transition: torch.Tensor, *, tol: float = 1e-12) -> torch.Tensor:
     """Stationary distribution pi of a row-stochastic matrix (pi P = pi), in float64.
 
     The leading left eigenvector of P by Krylov-Schur

@@ -20,6 +20,8 @@ written by :func:`write_outputs` alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +152,8 @@ def plan_all(
     claimed: dict[Path, ImageInput] = {}
     for image in images:
         names = output_paths(image, mode, out)
-        for path in (names[0], *names[1:2] * levels, names[2]):
+        written = (names[0], names[1], names[2]) if levels else (names[0], names[2])
+        for path in written:
             key = path.absolute()
             if key in claimed:
                 raise UserError(
@@ -219,30 +222,50 @@ def write_outputs(run: Any, seg: Any, record: dict[str, Any], *, levels: bool) -
 
 def segment_images(args: argparse.Namespace) -> int:
     """Run ``segment``: check everything first, then one image after the other."""
-    from napari_diffcut.attention.preflight import check_model, hub_offline
+    from napari_diffcut.attention.preflight import check_model
 
     images = collect_inputs(args.image, args.sample or [])
     mode, out = out_mode(args.out, len(images))
     plans = plan_all(images, mode, out, levels=args.levels, overwrite=args.overwrite)
+    offline = False
     if args.backbone == "diffusion":
         found = check_model(args.model, revision=args.revision, allow_pickle=args.allow_pickle)
-        if found.offline and not hub_offline():
-            import os
-
-            # Cached but the hub is unreachable: load from the cache only, instead of
-            # letting huggingface_hub retry the network (the loader reads this variable).
-            os.environ["HF_HUB_OFFLINE"] = "1"
+        offline = found.offline
     from napari_diffcut.large.dispatch import DiffCutEngine
     from napari_diffcut.pipeline.options import settings_from_args
 
     settings = settings_from_args(args)
     engine = DiffCutEngine()
-    if settings.backbone == "diffusion":
-        engine.model_for(settings)  # once, before the first image: a load failure stops here
+    with hub_offline_if(offline):
+        if settings.backbone == "diffusion":
+            engine.model_for(settings)  # once, before the first image: a failure stops here
     for index, (image, plan) in enumerate(zip(images, plans, strict=True), start=1):
         line = segment_one(image, plan, settings, engine, args)
         print(f"[{index}/{len(images)}] {line}", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def hub_offline_if(offline: bool) -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` while the model loads, when the hub cannot be reached.
+
+    The model is in the cache (the preflight found it) but the hub is not
+    reachable: the loader then reads the cache only (it reads this variable)
+    instead of letting huggingface_hub retry the network. Restored afterwards.
+    """
+    import os
+
+    before = os.environ.get("HF_HUB_OFFLINE")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if offline:
+            if before is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = before
 
 
 def segment_one(image: ImageInput, plan: Any, settings: Any, engine: Any, args: Any) -> str:
