@@ -50,3 +50,34 @@ def test_pickled_weights_error_is_one_line_naming_the_file(model: Path) -> None:
     assert err is not None and "pytorch_model.bin can't be loaded safely" in str(err)
     assert "\n" not in str(err)
     assert load_error(model, ValueError("other")) is None
+
+
+def test_cli_names_a_truncated_weights_file(model: Path, tmp_path: Path, capsys) -> None:
+    """End to end: the CLI says which file is damaged, not 'only pickled .bin files'."""
+    from napari_diffcut.cli.main import main
+
+    weights = next((model / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    status = main(["segment", "--sample", "blood-smear", "--model", str(model),
+                   "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status != 0
+    assert f"{weights.name} is damaged" in err and "pickled" not in err
+    assert "Traceback" not in err
+
+
+def test_engine_turns_an_unpicklable_encoder_into_one_line(model: Path) -> None:
+    """--allow-pickle with a text encoder that is not a pickle: one DiffCutError line."""
+    from napari_diffcut.pipeline.engine import ModelCache
+    from napari_diffcut.pipeline.settings import Settings
+
+    enc = model / "text_encoder"
+    for f in enc.glob("*.safetensors"):
+        f.unlink()
+    (enc / "pytorch_model.bin").write_bytes(b"this is not a pickle")
+    settings = Settings(model=str(model), device="cpu", allow_pickle=True)
+    with pytest.raises(DiffCutError) as info:
+        ModelCache().model_for(settings)
+    assert "\n" not in str(info.value) and "pytorch_model.bin can't be loaded safely" in str(
+        info.value
+    )

@@ -411,6 +411,13 @@ def test_soak_random_kills_lose_nothing(tmp_path: Path, u16: Path, own_tmpdir: P
     digests = {p: _digest(p) for p in inputs}
     rng = random.Random(12)
     seen: list[int] = []
+    # How long one forked run takes here (about a second cold, ~0.1 s once the parent
+    # has imported everything): kill times are drawn over that span, so the soak
+    # really kills runs on the way whatever ran before it.
+    start = time.perf_counter()
+    probe = ["segment", str(inputs[0]), *FAST, "-o", str(tmp_path / "probe.tif")]
+    assert _forked(lambda: main(probe), kill_after=None, sig=signal.SIGKILL) == 0
+    span = max(0.02, time.perf_counter() - start)
     for i in range(50):
         src = inputs[rng.randrange(2)]
         out = folder / rng.choice(["out.tif", "out.v2.tif", "b.tif", "out.zarr"])
@@ -418,8 +425,8 @@ def test_soak_random_kills_lose_nothing(tmp_path: Path, u16: Path, own_tmpdir: P
         argv += ["--levels"] * (out.suffix == ".tif" and rng.random() < 0.5)
         argv += ["--overwrite"] * (rng.random() < 0.7)
         sig = rng.choice([signal.SIGINT, signal.SIGKILL])
-        # A run takes about a second: kill anywhere in it, or (1 in 5) let it finish.
-        after = None if rng.random() < 0.2 else rng.uniform(0.0, 1.2)
+        # Kill anywhere in a run, or (1 in 5) let it finish.
+        after = None if rng.random() < 0.2 else rng.uniform(0.0, 1.2 * span)
         status = _forked(lambda argv=argv: main(argv), kill_after=after, sig=sig)
         assert status in (0, 2, 130, -signal.SIGKILL, -signal.SIGINT), (i, status)
         assert {p: _digest(p) for p in inputs} == digests

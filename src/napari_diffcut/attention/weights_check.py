@@ -91,7 +91,9 @@ def load_error(model: str | os.PathLike[str], exc: BaseException) -> DiffCutErro
     import pickle
 
     chain: BaseException | None = exc
-    while chain is not None and not isinstance(chain, pickle.UnpicklingError):
+    while chain is not None and not (
+        isinstance(chain, pickle.UnpicklingError) or _raised_by_unpickler(chain)
+    ):
         chain = chain.__cause__ or chain.__context__
     if chain is None:
         return None
@@ -103,6 +105,18 @@ def load_error(model: str | os.PathLike[str], exc: BaseException) -> DiffCutErro
         f"{which} can't be loaded safely: it is a pickle that needs code to load "
         f"({str(chain).splitlines()[0] if str(chain) else 'UnpicklingError'}); "
         "convert the model to safetensors"
+    )
+
+
+def _raised_by_unpickler(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of torch's unpickler (garbage in a .bin raises
+    IndexError or EOFError there, not UnpicklingError)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    return any(
+        f.filename.endswith(("_weights_only_unpickler.py", "torch/serialization.py"))
+        for f in frames
     )
 
 

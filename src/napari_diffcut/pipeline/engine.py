@@ -36,17 +36,29 @@ class ModelCache:
             # A missing folder or an uncached model with no network fails here at
             # once, before torch and diffusers are imported (tens of seconds on a
             # small machine) and before huggingface_hub retries the hub.
+            from napari_diffcut.attention.weights_check import check_model_files, load_error
+
+            # A truncated .safetensors or an absurd UNet config is named before the
+            # layout check would misread it as "only pickled weights" (issue 12.7).
+            check_model_files(s.model)
             check_model(s.model, revision=s.revision, allow_pickle=s.allow_pickle)
             from napari_diffcut.attention.model import load_model
 
             self.unload()
-            self._model = load_model(
-                settings.model,
-                device=settings.device,
-                dtype=settings.dtype,
-                revision=settings.revision,
-                allow_pickle=settings.allow_pickle,
-            )
+            try:
+                self._model = load_model(
+                    settings.model,
+                    device=settings.device,
+                    dtype=settings.dtype,
+                    revision=settings.revision,
+                    allow_pickle=settings.allow_pickle,
+                )
+            except Exception as exc:
+                # A file that cannot be unpickled safely is one line, not a traceback.
+                err = load_error(s.model, exc)
+                if err is None:
+                    raise
+                raise err from None
             self._key = key
         return self._model
 
