@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 import numpy as np
@@ -124,7 +125,14 @@ def main() -> None:
     image = fixed_image()
     results: dict[str, Any] = {}
     for variant in args.variants.split(","):
-        results[variant] = run_variant(args.model, variant, args.repeats, image)
+        results[variant] = res = run_variant(args.model, variant, args.repeats, image)
+        print(  # partial results survive an interrupted run
+            f"{variant}: vae {res['vae_encode_s']['min']:.2f} s, unet "
+            f"{res['unet_capture_s']['min']:.2f} s, end to end {res['end_to_end_s']['min']:.2f} s, "
+            f"load {res['load_avg']}",
+            file=sys.stderr,
+            flush=True,
+        )
     ref = results.get("float32")
     for res in results.values():
         if ref is not None and res["_labels"] is not None:

@@ -61,6 +61,9 @@ DEFAULT_BAND = 8
 #: Images with more pixels are refined in row strips of about this many pixels
 #: (plus the halo), which bounds the memory (about 0.5 kB per band pixel).
 STRIP_PIXELS = 1 << 20
+#: Kernel weights below this are dropped (they carry about 0.1 % of the mass of
+#: a row; a third of the entries, measured on DSB 2018 nuclei images).
+PRUNE_WEIGHT = 1e-3
 #: Channels closer than this everywhere are one channel (grey shown as RGB).
 _SAME_CHANNEL = 1e-6
 
@@ -375,32 +378,44 @@ def _iterate(
 
     Pair (i, c) receives ``a(i, j) m_j(c)`` from every kernel position j: the
     value of pair (j, c) when j is a band pixel with candidate c, 1 when j is a
-    seed (outside the band) of leaf c, else 0. A table over (colour, pixel)
-    holds the state index of each of these (two extra state entries are fixed
-    at 1 and 0), so every pair row has exactly P entries and the CSR matrix is
-    built without sorting or matching.
+    seed (outside the band) of leaf c, else 0. A table over (pixel, colour)
+    holds the state index of each (one extra state entry is fixed at 1), so
+    the CSR matrix is built by lookups, without sorting or matching. Kernel
+    weights below :data:`PRUNE_WEIGHT` and entries of value 0 are left out.
     """
     n_pairs = pair_pixel.size
-    p = neighbours.shape[1]
     one, zero = n_pairs, n_pairs + 1
     small = zero < 2**31 - 1 and n_colours * in_band.size < 2**31 - 1
     index = np.int32 if small else np.int64
-    table = np.full((n_colours, in_band.size), zero, index)
+    table = np.full((in_band.size, n_colours), zero, index)
     seeds = np.flatnonzero(~in_band)
-    table[pixel_colour[seeds], seeds] = one
-    table[pair_colour, pix[pair_pixel]] = np.arange(n_pairs, dtype=index)
-    flat = table.ravel()
-    # (pairs, P): kernel positions of each pair's pixel, then their entry in the table.
-    cols = neighbours[pair_pixel].astype(index, copy=False)
-    cols += (pair_colour.astype(index) * in_band.size)[:, None]
-    cols = flat[cols]
-    del table, flat
+    table[seeds, pixel_colour[seeds]] = one
+    table[pix[pair_pixel], pair_colour] = np.arange(n_pairs, dtype=index)
+    # Kernel entries that matter, per band pixel (CSR over pixels).
+    keep = affinity >= PRUNE_WEIGHT
+    counts = keep.sum(axis=1)
+    nz_cols = neighbours[keep].astype(index, copy=False)
+    nz_cols *= n_colours
+    nz_weight = affinity[keep]
+    pixel_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(index)
+    # Each pair repeats its pixel's entries, looked up in its colour's column.
+    lengths = counts[pair_pixel]
+    pair_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(index)
+    at = np.arange(int(lengths.sum()), dtype=index)
+    at += np.repeat(pixel_start[pair_pixel] - pair_start, lengths)
+    cols = nz_cols[at]
+    cols += np.repeat(pair_colour.astype(index), lengths)
+    cols = table.ravel()[cols]
+    weight = nz_weight[at]
+    del table, nz_cols, nz_weight, at
+    live = cols != zero
+    row_length = np.add.reduceat(live, pair_start) if n_pairs else lengths
+    indptr = np.concatenate([[0], np.cumsum(row_length)]).astype(index)
     matrix = sparse.csr_matrix(
-        (affinity[pair_pixel].ravel(), cols.ravel(), np.arange(0, n_pairs * p + 1, p)),
-        shape=(n_pairs, n_pairs + 2),
+        (weight[live], cols[live], indptr), shape=(n_pairs, n_pairs + 1)
     )
-    del cols
-    state = np.zeros(n_pairs + 2, np.float32)
+    del cols, weight, live
+    state = np.zeros(n_pairs + 1, np.float32)
     state[one] = 1.0
     state[:n_pairs] = table_is_own(pair_pixel, pair_colour, pixel_colour[pix])
     for _ in range(iterations):
