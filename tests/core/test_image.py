@@ -162,3 +162,27 @@ def test_large_image_settings_round_trip_json() -> None:
     assert s.channel_axis == "none"
     back = Settings.from_dict(json.loads(json.dumps(s.as_dict())))
     assert back == s
+
+
+def test_dim_uint8_is_stretched_like_16_bit() -> None:
+    """Issue 11 part 4: a uint8 image using a tenth of the range gets the percentile window."""
+    from napari_diffcut.core.image import DIM_UINT8_LEVEL, intensity_rule, is_dim_uint8
+
+    rng = np.random.default_rng(2)
+    dim = rng.integers(2, 8, (60, 70)).astype(np.uint8)  # background
+    dim[20:35, 20:40] = rng.integers(18, 26, (15, 20))  # nuclei at a tenth of the range
+    assert is_dim_uint8(dim) and intensity_rule(dim) == "percentiles"
+    grey = to_rgb(dim)[..., 0]
+    np.testing.assert_allclose(grey, to_rgb(dim.astype(np.uint16))[..., 0], atol=1e-6)
+    assert grey.max() == 1 and grey[25, 30] > 0.6  # stretched, not 25 / 255
+    np.testing.assert_allclose(channel_limits(dim), channel_limits(dim.astype(np.uint16)))
+    assert intensity_rule(dim, None) == "minmax" and to_rgb(dim, normalize=None).max() == 1
+    # Bright uint8 (photographs, well-exposed fluorescence) stays / 255.
+    bright = (dim * 10).astype(np.uint8)
+    assert not is_dim_uint8(bright) and intensity_rule(bright) == "uint8"
+    np.testing.assert_allclose(to_rgb(bright)[..., 0], bright / 255.0, atol=1e-7)
+    # The rule looks at all picked channels together, at the high percentile.
+    level = int(DIM_UINT8_LEVEL)
+    edge = np.full((10, 10, 3), level - 1, np.uint8)
+    assert is_dim_uint8(edge) and not is_dim_uint8(edge + 1)
+    assert not is_dim_uint8(dim.astype(np.uint16)) and not is_dim_uint8(np.zeros((0,), np.uint8))

@@ -184,3 +184,33 @@ def test_missing_model_is_diffcut_error(tmp_path: Path, two_tone_image: np.ndarr
 def test_resolution_weights_select_layers(tiny_model: Path, two_tone_image: np.ndarray) -> None:
     seg = segment(two_tone_image, model=str(tiny_model), resolution_weights={1: 1.0}, min_size=2)
     assert seg.settings["attention_grids"] == [seg.settings["grid"]]
+
+
+def test_refine_option_moves_edges_and_keeps_levels_nested(three_regions) -> None:
+    """refine=True runs PAMR once on the leaves: a re-cut is still a lookup, levels nest."""
+    import napari_diffcut
+
+    plain = napari_diffcut.segment(three_regions, backbone="pixels", min_size=4)
+    refined = napari_diffcut.segment(three_regions, backbone="pixels", min_size=4, refine=True)
+    assert refined.settings["refined"] is True and plain.settings["refined"] is False
+    assert len(refined.tree) == len(plain.tree)  # the same tree: only the pixels move
+    levels = refined.levels
+    for coarse, fine in zip(levels, levels[1:], strict=False):
+        # every fine segment lies inside one coarse segment
+        pairs = np.unique(np.stack([fine.ravel(), coarse.ravel()]), axis=1)
+        assert len(np.unique(pairs[0])) == pairs.shape[1]
+
+
+def test_refine_is_a_cli_option(tmp_path, three_regions) -> None:
+    import tifffile
+
+    from napari_diffcut.cli.main import main
+
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, three_regions)
+    assert main(["segment", str(src), "--backbone", "pixels", "--min-size", "4", "--refine",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    import json
+
+    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert record["refine"] is True and record["refined"] is True

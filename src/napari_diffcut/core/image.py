@@ -2,6 +2,16 @@
 
 Pure numpy. The model sees an RGB float image in [0, 1] at a working size that
 follows the checkpoint's native resolution and keeps the aspect ratio.
+
+Intensity window (``normalize``, issue 11 part 4). 12/16-bit, float and *dim*
+8-bit data get the ``normalize`` window per channel (default
+:data:`DEFAULT_PERCENTILES`, the 1st-99.8th percentiles; None: min-max);
+bright 8-bit data is divided by 255 (RGB photographs, stained slides,
+well-exposed fluorescence are already in display range). A uint8 image is dim
+when the high percentile of all its picked channels together is below
+:data:`DIM_UINT8_LEVEL` (half of 255): a fluorescence image that uses a tenth
+of the range is then stretched exactly like a 16-bit one.
+:func:`intensity_rule` names the rule an image got, for the run record.
 """
 
 from __future__ import annotations
@@ -15,6 +25,15 @@ from numpy.typing import NDArray
 from napari_diffcut.core.walk import interpolation_matrix
 
 Normalize = tuple[float, float] | None
+#: Default ``normalize``: the (low, high) percentile window.
+DEFAULT_PERCENTILES = (1.0, 99.8)
+#: A uint8 image whose high percentile (all picked channels) is below this is
+#: dim and gets the ``normalize`` window like 16-bit data. Half the range: bright
+#: 8-bit images (photographs, H&E, well-exposed fluorescence) reach well
+#: above it; the dim DSB 2018 fluorescence images reach 56-125 of 255.
+DIM_UINT8_LEVEL = 128.0
+#: Names of the rules :func:`intensity_rule` reports.
+RULE_UINT8, RULE_PERCENTILES, RULE_MINMAX = "uint8", "percentiles", "minmax"
 #: A last axis up to this size is read as channels when ``channel_axis`` is not
 #: given: grey+alpha, RGB, RGBA or up to 4 fluorescence channels (napari reads
 #: a last axis of 3 or 4 as RGB(A) the same way); nobody images planes that narrow.
@@ -27,7 +46,7 @@ NO_CHANNEL_AXIS = "none"
 
 
 def _percentile_scale(
-    image: NDArray[np.floating], normalize: Normalize
+    image: NDArray[np.floating], normalize: tuple[float, float] | None
 ) -> NDArray[np.float32]:
     """Map [p_lo, p_hi] percentiles (min/max when ``normalize`` is None) to [0, 1]."""
     data = image.astype(np.float32, copy=False)
@@ -58,6 +77,48 @@ def check_normalize(normalize: object) -> Normalize:
             f"<= 100, got {normalize!r}"
         )
     return (lo, hi)
+
+
+def is_dim_uint8(
+    image: NDArray[np.generic], percentile: float = DEFAULT_PERCENTILES[1]
+) -> bool:
+    """Whether a uint8 image is dim: its ``percentile`` (all channels) < DIM_UINT8_LEVEL.
+
+    ``image`` holds the picked channels only (alpha dropped). Any other dtype
+    is not "dim uint8". Large images may pass a strided sample.
+
+    Examples
+    --------
+    >>> dim = np.full((8, 8), 20, np.uint8); dim[2:4, 2:4] = 60
+    >>> is_dim_uint8(dim), is_dim_uint8(dim * 4), is_dim_uint8(dim.astype(np.uint16))
+    (True, False, False)
+    """
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.size == 0:
+        return False
+    return bool(np.percentile(arr, percentile) < DIM_UINT8_LEVEL)
+
+
+def intensity_rule(
+    image: NDArray[np.generic], normalize: Normalize = DEFAULT_PERCENTILES
+) -> str:
+    """The rule that maps ``image`` (picked channels) to [0, 1]: for the run record.
+
+    ``"uint8"`` (bool or bright uint8, divided by 255), else ``"percentiles"``
+    (``normalize`` a pair) or ``"minmax"`` (``normalize`` None); dim uint8
+    gets the latter two like any 16-bit image (module docstring).
+
+    Examples
+    --------
+    >>> bright = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    >>> intensity_rule(bright), intensity_rule(bright // 10), intensity_rule(bright // 10, None)
+    ('uint8', 'percentiles', 'minmax')
+    """
+    normalize = check_normalize(normalize)
+    arr = np.asarray(image)
+    if arr.dtype == bool or (arr.dtype == np.uint8 and not is_dim_uint8(arr)):
+        return RULE_UINT8
+    return RULE_MINMAX if normalize is None else RULE_PERCENTILES
 
 
 def resolve_channel_axis(
@@ -139,15 +200,16 @@ def pick_channels(n_channels: int, channels: Sequence[int] | None = None) -> lis
 
 
 def channel_limits(
-    sample: NDArray[np.generic], normalize: Normalize = (1.0, 99.8)
+    sample: NDArray[np.generic], normalize: Normalize = DEFAULT_PERCENTILES
 ) -> NDArray[np.float64]:
     """Per-channel (low, high) display limits from a (sub)sample of an image.
 
-    ``sample`` is (y, x) or (y, x, C) with the channels already picked. uint8
-    data keeps (0, 255) (already in display range); other data uses the
-    ``normalize`` percentiles of its finite values (None: min and max). The
-    limits of one sample are then applied to every tile of a large image, so
-    that tiles share one intensity mapping.
+    ``sample`` is (y, x) or (y, x, C) with the channels already picked. The
+    rule is :func:`intensity_rule`'s: bright uint8 data keeps (0, 255); other
+    data, dim uint8 included, uses the ``normalize`` percentiles of each
+    channel's finite values (None: min and max). The limits of one sample are
+    then applied to every tile of a large image, so that tiles share one
+    intensity mapping.
 
     Returns
     -------
@@ -159,9 +221,10 @@ def channel_limits(
     if arr.ndim == 2:
         arr = arr[..., None]
     normalize = check_normalize(normalize)
+    window = intensity_rule(arr, normalize)
     out = np.empty((arr.shape[-1], 2), np.float64)
     for c in range(arr.shape[-1]):
-        if arr.dtype == np.uint8:
+        if window == RULE_UINT8:
             out[c] = (0.0, 255.0)
             continue
         data = arr[..., c].astype(np.float32, copy=False)
@@ -192,7 +255,7 @@ def to_rgb(
     image: NDArray[np.generic],
     *,
     channels: Sequence[int] | None = None,
-    normalize: Normalize = (1.0, 99.8),
+    normalize: Normalize = DEFAULT_PERCENTILES,
     contrast_limits: object = None,
 ) -> NDArray[np.float32]:
     """Turn a 2-D grey, RGB(A) or multichannel (Y, X[, C]) image into RGB in [0, 1].
@@ -206,8 +269,9 @@ def to_rgb(
     channels : sequence of int, optional
         Channel indices mapped to R, G, B.
     normalize : (low, high) percentiles or None
-        Applied per channel to non-uint8 data (8/12/16-bit, float). uint8 data
-        is already in display range and is divided by 255. None: min-max.
+        Applied per channel to non-uint8 data (8/12/16-bit, float) and to dim
+        uint8 data (module docstring); bright uint8 data is already in display
+        range and is divided by 255. None: min-max.
     contrast_limits : (low, high) or sequence of (low, high), optional
         When given (napari's layer contrast limits, or limits shared by all
         tiles of a large image, see :func:`channel_limits`), used instead of
@@ -235,11 +299,12 @@ def to_rgb(
     normalize = check_normalize(normalize)
     if contrast_limits is not None:
         out = apply_limits(arr, _as_limits(contrast_limits, arr.shape[-1]))
-    elif arr.dtype == np.uint8:
-        out = arr.astype(np.float32) / 255.0
     else:
-        n = arr.shape[-1]
-        out = np.stack([_percentile_scale(arr[..., c], normalize) for c in range(n)], 2)
+        if intensity_rule(arr, normalize) == RULE_UINT8:
+            out = arr.astype(np.float32) / 255.0
+        else:  # 16-bit, float, and dim uint8 (module docstring)
+            n = arr.shape[-1]
+            out = np.stack([_percentile_scale(arr[..., c], normalize) for c in range(n)], 2)
     return grey_or_rgb(out.astype(np.float32, copy=False))
 
 

@@ -19,13 +19,22 @@ def pixel_transition(
     grid_shape: tuple[int, int],
     *,
     spatial_sigma: float = 0.1,
+    global_weight: float = 0.2,
 ) -> NDArray[np.float32]:
     """Row-stochastic transition between patches from colour and position.
 
-    ``P_ij ~ exp(-|c_i - c_j|^2 / (2 s_c^2) - |x_i - x_j|^2 / (2 s_x^2))`` where
-    ``c`` is the mean colour of a patch, ``x`` its centre in units of the grid
-    diagonal, ``s_x = spatial_sigma`` and ``s_c`` the median colour step between
-    4-neighbour patches (at least 0.1), so contrast adapts per image.
+    ``P_ij ~ exp(-|c_i - c_j|^2 / (2 s_c^2)) * (exp(-|x_i - x_j|^2 / (2 s_x^2)) + b)``
+    where ``c`` is the mean colour of a patch, ``x`` its centre in units of the
+    grid diagonal, ``s_x = spatial_sigma``, ``b = global_weight`` and ``s_c``
+    the median colour step between 4-neighbour patches (at least 0.1), so
+    contrast adapts per image.
+
+    The constant ``b`` lets the walk jump between patches of the same colour
+    anywhere in the image (the long-range relations of a random walk,
+    method.md 0.1): objects of one kind that lie apart (nuclei) join one
+    segment instead of being cut apart by distance. Measured
+    (first 6 images per set, issue 11): median fg/bg mIoU at the automatic cut, b = 0
+    -> 0.2: nuclei 0.61 -> 0.78, one-image nuclei 0.42 -> 0.73; EM unchanged.
 
     Parameters
     ----------
@@ -35,6 +44,9 @@ def pixel_transition(
         Patch grid.
     spatial_sigma : float
         Spatial bandwidth relative to the grid diagonal.
+    global_weight : float
+        Weight ``b >= 0`` of the distance-free part of the spatial term; 0
+        gives the purely local graph.
 
     Returns
     -------
@@ -55,7 +67,12 @@ def pixel_transition(
     pos = np.stack([yy.ravel(), xx.ravel()], 1) / diag
     sq_c = _sq_dists(colours)
     sq_x = _sq_dists(pos)
-    logits = -sq_c / (2 * sigma_c**2) - sq_x / (2 * spatial_sigma**2)
+    if global_weight < 0:
+        raise ValueError(f"global_weight must be >= 0, got {global_weight}")
+    spatial = np.exp(-sq_x / (2 * spatial_sigma**2))
+    if global_weight:
+        spatial += np.float32(global_weight)
+    logits = -sq_c / (2 * sigma_c**2) + np.log(spatial, out=spatial)
     logits -= logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
     return normalize_rows(logits.astype(np.float32, copy=False))

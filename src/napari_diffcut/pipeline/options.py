@@ -225,6 +225,11 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
         help="stacks: a region keeps its label from plane to plane",
     )
     add(
+        "--refine",
+        action="store_true",
+        help="move segment edges onto the image's own boundaries (PAMR on the leaves)",
+    )
+    add(
         "--memory-budget",
         type=_at_least(1),
         default=512,
@@ -258,6 +263,7 @@ SETTING_OPTIONS = (
     "tile_overlap",
     "consistent_stack",
     "memory_budget",
+    "refine",
 )
 
 

@@ -128,6 +128,14 @@ def segment_rgb(
     # them) follow the memory budget, up to soft_upsample's own cap.
     chunk = int(min(1 << 24, max(1 << 16, budget_bytes(s) // 32)))
     pixel_leaf = soft_upsample(walk, tree.leaf_of_patch, grid, out_hw, max_elements=chunk)
+    if s.refine:
+        # PAMR on the leaves once (core.refine): every threshold and level stays a lookup.
+        from napari_diffcut.core.refine import refine_leaf_labels
+
+        yield Progress("upsample", 1, 2, "refining edges against the image")
+        guide = rgb if rgb.shape[:2] == out_hw else resize(rgb, out_hw)
+        pixel_leaf = refine_leaf_labels(guide, pixel_leaf)
+    record["refined"] = bool(s.refine)
     yield Progress("upsample", 1, 1, "done")
     return Segmentation(hierarchy, pixel_leaf.astype(np.int32), record)
 

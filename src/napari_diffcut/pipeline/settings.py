@@ -113,6 +113,7 @@ class Settings:
     tile_overlap: int | None = None
     consistent_stack: bool = False
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    refine: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,6 +131,8 @@ class Settings:
         if self.mode == "inversion" and self.steps > 50:
             raise ValueError(f"steps must be <= 50 (a 50-step DDIM grid), got {self.steps}")
         check_threshold(self.threshold)
+        if not isinstance(self.refine, bool):
+            raise ValueError(f"refine must be True or False, got {self.refine!r}")
         object.__setattr__(self, "normalize", check_normalize(self.normalize))
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
