@@ -106,8 +106,8 @@ def test_refined_levels_nest_and_a_recut_makes_no_eigen_solve(
     import scipy.linalg
     import scipy.sparse.linalg
 
-    from napari_diffcut.core import hierarchy as hierarchy_module
     from napari_diffcut.core import ncut
+    from napari_diffcut.core import tree as hierarchy_module
 
     for module, name in [(ncut, "eigsh"), (ncut, "fiedler_vector"), (ncut, "bipartition"),
                          (hierarchy_module, "fiedler_vector"),

@@ -28,323 +28,22 @@ for split/merge editing.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
 from numpy.typing import NDArray
 
 from napari_diffcut.core.errors import check_int, check_threshold
-from napari_diffcut.core.ncut import (
-    bipartition,
-    fiedler_vector,
-    single_thread_blas,
-    sweep_cut,
+from napari_diffcut.core.tree import (
+    NULL_RATIO,
+    STRUCTURELESS_COST,
+    Node,
+    TreeArrays,
+    auto_threshold,
+    build_tree,
+    iter_ncut_tree,
+    otsu_threshold,
 )
-from napari_diffcut.core.null import NullModel, null_model
-
-#: A split whose NCut is at least this is never accepted: a structureless walk
-#: gives NCut = 1 for every split (method.md 3.1), so children are not grown.
-STRUCTURELESS_COST = 1.0
-
-#: The automatic cut keeps a split iff its NCut is below this fraction of its
-#: null cost (module docstring). In the random-walk reading (Meila & Shi 2001)
-#: NCut is the escape probability of the stationary walk, so 1/2 means: a
-#: walker is at least twice as likely to stay on its side as locality alone
-#: predicts. Measured ratios (benchmarks/quality.py, README "Automatic
-#: threshold"): content-free splits 0.7-1.3, real boundaries 0.02-0.4; the
-#: real-image scores are the same for any value in 0.4-0.6.
-NULL_RATIO = 0.5
-
-
-@dataclass(frozen=True)
-class Node:
-    """One node of the NCut tree (a region at some depth).
-
-    Attributes
-    ----------
-    id : int
-        Node id (breadth-first, root 0). Its label is ``id + 1``.
-    parent : int
-        Parent id, -1 for the root.
-    children : tuple of int
-        The two children ids, or () for a tree leaf.
-    cost : float
-        NCut cost of splitting this node into its children (nan for a leaf).
-    size : int
-        Number of patches (graph nodes) in the region.
-    depth : int
-        0 for the root.
-    """
-
-    id: int
-    parent: int
-    children: tuple[int, ...]
-    cost: float
-    size: int
-    depth: int
-
-    @property
-    def label(self) -> int:
-        """Label value of this node in label images."""
-        return self.id + 1
-
-    def as_dict(self) -> dict[str, object]:
-        """JSON-serialisable form."""
-        return {
-            "id": self.id,
-            "parent": self.parent,
-            "children": list(self.children),
-            "cost": None if np.isnan(self.cost) else float(self.cost),
-            "size": self.size,
-            "depth": self.depth,
-        }
-
-
-@dataclass
-class TreeArrays:
-    """Flat arrays describing a grown NCut tree (input of :class:`Hierarchy`).
-
-    ``null_cost`` (optional) is each split's NCut under the content-free null
-    graph (:mod:`napari_diffcut.core.null`), nan for leaves; None when the tree
-    was grown without a grid (then "auto" uses :func:`auto_threshold`).
-    """
-
-    parent: NDArray[np.int64]
-    cost: NDArray[np.float64]
-    size: NDArray[np.int64]
-    depth: NDArray[np.int64]
-    leaf_of_patch: NDArray[np.int64]
-    null_cost: NDArray[np.float64] | None = None
-
-    @property
-    def n_nodes(self) -> int:
-        """Number of nodes."""
-        return int(self.parent.shape[0])
-
-    def children(self) -> list[list[int]]:
-        """Children lists per node, in id order."""
-        kids: list[list[int]] = [[] for _ in range(self.n_nodes)]
-        for i, p in enumerate(self.parent.tolist()):
-            if p >= 0:
-                kids[p].append(i)
-        return kids
-
-
-def otsu_threshold(values: NDArray[np.float64]) -> float:
-    """Otsu's two-class threshold of a 1-D sample (midpoint of the best gap).
-
-    Examples
-    --------
-    >>> otsu_threshold(np.array([0.1, 0.12, 0.8, 0.9]))
-    0.46
-    """
-    v = np.sort(np.asarray(values, np.float64))
-    if v.size < 2 or v[0] == v[-1]:
-        return float("nan")
-    best, best_t = -1.0, float("nan")
-    n = v.size
-    csum = np.cumsum(v)
-    for i in range(1, n):
-        if v[i] == v[i - 1]:
-            continue
-        w0, w1 = i / n, (n - i) / n
-        m0 = csum[i - 1] / i
-        m1 = (csum[-1] - csum[i - 1]) / (n - i)
-        between = w0 * w1 * (m0 - m1) ** 2
-        if between > best:
-            best, best_t = between, 0.5 * (v[i - 1] + v[i])
-    return float(best_t)
-
-
-def auto_threshold(costs: NDArray[np.float64]) -> float:
-    """Fallback global NCut threshold for trees without null costs (method.md 6, rule 1).
-
-    Over-segments spatially local graphs (method.md 6, "Measured on real
-    images"); the tree's default automatic rule is the per-node null-ratio test
-    (module docstring), this is used only where no null cost was recorded.
-
-    Otsu's two-class split of the logarithms of the tree's split costs,
-    together with the reference cost 1 of a structureless walk (method.md 3.1).
-    Costs of real boundaries and of splits through homogeneous regions differ
-    by orders of magnitude (0.01 vs 0.5), hence the log scale. The reference
-    makes a tree whose splits are all strong keep them all. With no finite
-    cost below 1, 0.5 (the DiffCut constant) is returned.
-    """
-    finite = np.asarray(costs, np.float64)
-    finite = finite[np.isfinite(finite) & (finite < STRUCTURELESS_COST)]
-    finite = np.maximum(finite, 1e-3)  # all costs below 1e-3 are equally "perfect"
-    if finite.size == 0:
-        return 0.5
-    log_tau = otsu_threshold(np.log(np.append(finite, STRUCTURELESS_COST)))
-    return float(np.exp(log_tau)) if np.isfinite(log_tau) else 0.5
-
-
-def iter_ncut_tree(
-    affinity: NDArray[np.floating],
-    *,
-    min_size: int = 16,
-    max_depth: int = 8,
-    seed: int = 0,
-    grid_shape: tuple[int, int] | None = None,
-) -> Generator[tuple[int, int], None, TreeArrays]:
-    """Grow the full recursive NCut tree, yielding after each split.
-
-    With ``grid_shape`` (the ``(h, w)`` patch grid of the nodes, row-major),
-    each split that the automatic cut reaches (root, and children of splits
-    it accepts) also records its null cost (module docstring; nan elsewhere),
-    which the automatic cut of :class:`Hierarchy` uses. Cost: the kernel (one
-    pass over W), the dense null graph, and one extra split per reached node.
-
-    Breadth-first (method.md 6, reference recursion): each node's graph is W
-    restricted to its patches with degrees recomputed inside (edges to the
-    outside dropped, Shi & Malik). A node becomes a leaf when it has fewer than
-    ``2 * min_size`` patches, reaches ``max_depth``, or its best split costs at
-    least 1 (no structure).
-
-    The graph is used in float32 (a float64 ``affinity`` is converted once;
-    pass float32 to save the copy), each split on one BLAS thread
-    (core/ncut.py docstring; benchmarks/NOTES.md).
-
-    Yields
-    ------
-    (splits_done, splits_upper_bound) : tuple of int
-        After every eigen solve; closing the generator stops the recursion.
-
-    Returns
-    -------
-    TreeArrays
-    """
-    # float32 halves the memory traffic of every product with W; sums, the
-    # Lanczos recurrence and the costs stay float64 (core/ncut.py docstring).
-    affinity = np.ascontiguousarray(affinity, dtype=np.float32)
-    n = affinity.shape[0]
-    parent: list[int] = [-1]
-    cost: list[float] = [float("nan")]
-    size: list[int] = [n]
-    depth: list[int] = [0]
-    members: dict[int, NDArray[np.int64]] = {0: np.arange(n)}
-    leaf_of_patch = np.zeros(n, np.int64)
-    queue: deque[int] = deque([0])
-    bound = max(1, min(2**max_depth - 1, n // max(min_size, 1)))
-    done = 0
-    null = None if grid_shape is None else null_model(affinity, grid_shape)
-    null_cost: list[float] = [float("nan")]
-    auto_ok: dict[int, bool] = {}
-    one_thread = single_thread_blas()  # robust to busy cores (core/ncut.py docstring)
-    while queue:
-        node = queue.popleft()
-        idx = members.pop(node)
-        if len(idx) < 2 * min_size or depth[node] >= max_depth:
-            continue
-        with one_thread():
-            sub = affinity if len(idx) == n else affinity[np.ix_(idx, idx)]
-            split = _split_subgraph(sub, min_size, seed)
-        done += 1
-        yield done, bound
-        if split is None:
-            continue
-        mask, c = split
-        cost[node] = c
-        if c >= STRUCTURELESS_COST:
-            continue
-        if null is not None and (parent[node] < 0 or auto_ok.get(parent[node], False)):
-            # Only nodes the automatic cut can reach need the null (a few solves).
-            with one_thread():
-                null_cost[node] = _null_cost(null, n, idx, mask, min_size, seed)
-            auto_ok[node] = c < NULL_RATIO * null_cost[node]
-        for side in (idx[mask], idx[~mask]):
-            child = len(parent)
-            parent.append(node)
-            cost.append(float("nan"))
-            null_cost.append(float("nan"))
-            size.append(len(side))
-            depth.append(depth[node] + 1)
-            members[child] = side
-            leaf_of_patch[side] = child
-            queue.append(child)
-    return TreeArrays(
-        parent=np.asarray(parent, np.int64),
-        cost=np.asarray(cost, np.float64),
-        size=np.asarray(size, np.int64),
-        depth=np.asarray(depth, np.int64),
-        leaf_of_patch=leaf_of_patch,
-        null_cost=None if null is None else np.asarray(null_cost, np.float64),
-    )
-
-
-def _null_cost(
-    null: NullModel,
-    n: int,
-    idx: NDArray[np.int64],
-    mask: NDArray[np.bool_],
-    min_size: int,
-    seed: int,
-) -> float:
-    """What the node ``idx`` costs to split in the content-free null graph.
-
-    The cheapest split the NCut solver finds on the null graph restricted to the
-    node (the same eigen solve and sweep as the real split), or the null cost
-    of the real split itself when that is cheaper (the sweep is a heuristic,
-    so both are upper bounds of the null's minimum).
-    """
-    a = np.zeros(n, bool)
-    b = np.zeros(n, bool)
-    a[idx[mask]] = True
-    b[idx[~mask]] = True
-    same = null.ncut(a, b)
-    dense = null.dense
-    sub = dense if len(idx) == n else dense[np.ix_(idx, idx)]
-    best = _split_subgraph(sub, min_size, seed)
-    return float(np.nanmin([same, np.inf if best is None else best[1]]))
-
-
-def _split_subgraph(
-    sub: NDArray[np.float64], min_size: int, seed: int
-) -> tuple[NDArray[np.bool_], float] | None:
-    """Bipartition a sub-graph; isolated (zero-degree) nodes join side B."""
-    degree = sub.sum(axis=1, dtype=np.float64)
-    alive = degree > 1e-300
-    if alive.sum() < 2 * min_size:
-        return None
-    if alive.all():
-        # bipartition() without summing the degrees a second time.
-        z, _ = fiedler_vector(sub, degree, seed=seed)
-        mask, c = sweep_cut(sub, degree, z, min_size)
-    else:
-        part = bipartition(sub[np.ix_(alive, alive)], min_size=min_size, seed=seed)
-        mask = np.zeros(sub.shape[0], bool)
-        mask[np.flatnonzero(alive)[part.mask]] = True
-        c = part.cost
-    if not np.isfinite(c):
-        return None
-    return mask, c
-
-
-def _drain(gen: Generator[object, None, TreeArrays]) -> TreeArrays:
-    """Run a generator to completion and return its value."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-
-
-def build_tree(
-    affinity: NDArray[np.float64],
-    *,
-    min_size: int = 16,
-    max_depth: int = 8,
-    seed: int = 0,
-    grid_shape: tuple[int, int] | None = None,
-) -> TreeArrays:
-    """Grow the NCut tree in one call (see :func:`iter_ncut_tree`)."""
-    return _drain(
-        iter_ncut_tree(
-            affinity, min_size=min_size, max_depth=max_depth, seed=seed, grid_shape=grid_shape
-        )
-    )
 
 
 class Hierarchy:
@@ -612,3 +311,17 @@ def ncut_hierarchy(
         affinity, min_size=min_size, max_depth=max_depth, seed=seed, grid_shape=grid
     )
     return Hierarchy(tree, (int(grid_shape[0]), int(grid_shape[1])), threshold)
+
+
+__all__ = [
+    "NULL_RATIO",
+    "STRUCTURELESS_COST",
+    "Hierarchy",
+    "Node",
+    "TreeArrays",
+    "auto_threshold",
+    "build_tree",
+    "iter_ncut_tree",
+    "ncut_hierarchy",
+    "otsu_threshold",
+]

@@ -269,6 +269,11 @@ def _header(
         "n_levels": seg.hierarchy.n_levels(),
         "layer": _layer_placement(layer or {}),
     }
+    null = seg.hierarchy.arrays.null_cost
+    if null is not None:
+        # The automatic threshold's per-node null costs (core.null); NaN (no null
+        # computed for that node) is null in strict JSON.
+        header["null_cost"] = [float(v) if math.isfinite(v) else None for v in null]
     try:
         # Strict JSON (no NaN, no objects): what a foreign JSON reader accepts.
         return json.loads(json.dumps(header, allow_nan=False))
@@ -395,6 +400,7 @@ def _read(root: Path) -> StoredParts:
         size=data["tree/size"].astype(np.int64),
         depth=data["tree/depth"].astype(np.int64),
         leaf_of_patch=data["tree/leaf_of_patch"].astype(np.int64),
+        null_cost=_null_costs(header.get("null_cost"), data["tree/parent"].size),
     )
     check_tree(tree, grid)
     pixel_leaf = data["pixel_leaf"].astype(np.int32)
@@ -414,3 +420,14 @@ def _read(root: Path) -> StoredParts:
         Hierarchy(tree, grid, threshold), pixel_leaf, header["settings"], labels,
         str(header.get("version", "unknown")), layer,
     )
+
+
+def _null_costs(values: Any, n_nodes: int) -> NDArray[np.float64] | None:
+    """The header's per-node null costs (None: a store from before the null rule)."""
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != n_nodes:
+        raise DiffCutError(f"null_cost must list one value per tree node ({n_nodes})")
+    if not all(v is None or isinstance(v, int | float) for v in values):
+        raise DiffCutError("null_cost must hold numbers or null")
+    return np.array([np.nan if v is None else float(v) for v in values], np.float64)

@@ -104,7 +104,7 @@ def segment_rgb(
     yield Progress("walk", 1, 1, f"power {s.power}, {s.graph} graph")
     affinity, walk = build_affinity(transition, power=s.power, graph=s.graph, dtype=np.float32)
     del transition
-    tree = yield from cut_stage(affinity, s)
+    tree = yield from cut_stage(affinity, s, grid)
     del affinity
     hierarchy = Hierarchy(tree, grid, s.threshold)
     yield Progress("upsample", 0, 1, f"labels at {out_hw[0]}x{out_hw[1]}")
@@ -159,9 +159,17 @@ def relay(
         gen.close()
 
 
-def cut_stage(affinity: NDArray[np.float64], s: Settings) -> Generator[Progress, None, Any]:
-    """NCut tree with one progress event per split."""
-    gen = iter_ncut_tree(affinity, min_size=s.min_size, max_depth=s.max_depth, seed=s.seed)
+def cut_stage(
+    affinity: NDArray[np.float64], s: Settings, grid: tuple[int, int] | None = None
+) -> Generator[Progress, None, Any]:
+    """NCut tree with one progress event per split.
+
+    With the patch ``grid``, each node also gets its cost under the graph's own
+    locality null (core.null), which ``threshold="auto"`` compares against.
+    """
+    gen = iter_ncut_tree(
+        affinity, min_size=s.min_size, max_depth=s.max_depth, seed=s.seed, grid_shape=grid
+    )
     while True:
         try:
             done, bound = next(gen)
