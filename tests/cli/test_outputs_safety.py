@@ -414,10 +414,13 @@ def test_soak_random_kills_lose_nothing(tmp_path: Path, u16: Path, own_tmpdir: P
     # How long one forked run takes here (about a second cold, ~0.1 s once the parent
     # has imported everything): kill times are drawn over that span, so the soak
     # really kills runs on the way whatever ran before it.
-    start = time.perf_counter()
-    probe = ["segment", str(inputs[0]), *FAST, "-o", str(tmp_path / "probe.tif")]
-    assert _forked(lambda: main(probe), kill_after=None, sig=signal.SIGKILL) == 0
-    span = max(0.02, time.perf_counter() - start)
+    spans = []
+    for k in range(2):  # the faster of two probes: the first may be cold
+        start = time.perf_counter()
+        probe = ["segment", str(inputs[0]), *FAST, "-o", str(tmp_path / f"probe{k}.tif")]
+        assert _forked(lambda probe=probe: main(probe), kill_after=None, sig=signal.SIGKILL) == 0
+        spans.append(time.perf_counter() - start)
+    span = max(0.02, min(spans))
     for i in range(50):
         src = inputs[rng.randrange(2)]
         out = folder / rng.choice(["out.tif", "out.v2.tif", "b.tif", "out.zarr"])
@@ -426,13 +429,13 @@ def test_soak_random_kills_lose_nothing(tmp_path: Path, u16: Path, own_tmpdir: P
         argv += ["--overwrite"] * (rng.random() < 0.7)
         sig = rng.choice([signal.SIGINT, signal.SIGKILL])
         # Kill anywhere in a run, or (1 in 5) let it finish.
-        after = None if rng.random() < 0.2 else rng.uniform(0.0, 1.2 * span)
+        after = None if rng.random() < 0.2 else rng.uniform(0.0, 0.9 * span)
         status = _forked(lambda argv=argv: main(argv), kill_after=after, sig=sig)
         assert status in (0, 2, 130, -signal.SIGKILL, -signal.SIGINT), (i, status)
         assert {p: _digest(p) for p in inputs} == digests
         seen.append(status)
     # Both ends are exercised: runs that finished and runs killed on the way.
-    assert seen.count(0) >= 1 and sum(s < 0 or s == 130 for s in seen) >= 15, seen
+    assert seen.count(0) >= 1 and sum(s < 0 or s == 130 for s in seen) >= 10, seen
     outputs.recover_stale(folder)  # what any next run does first
     _complete(folder)
     assert _hidden(folder) == [] and list(own_tmpdir.iterdir()) == []
