@@ -238,13 +238,8 @@ def iter_ncut_tree_torch(
                 members[child] = side
                 leaf_of_patch[side] = child
                 frontier.append(child)
-    return TreeArrays(
-        parent=np.asarray(parent, np.int64),
-        cost=np.asarray(cost, np.float64),
-        size=np.asarray(size, np.int64),
-        depth=np.asarray(depth, np.int64),
-        leaf_of_patch=leaf_of_patch,
-        null_cost=None if null is None else np.asarray(null_cost, np.float64),
+    return TreeArrays.from_lists(
+        parent, cost, size, depth, leaf_of_patch, null_cost if null is not None else None
     )
 
 

@@ -100,6 +100,26 @@ class TreeArrays:
     leaf_of_patch: NDArray[np.int64]
     null_cost: NDArray[np.float64] | None = None
 
+    @classmethod
+    def from_lists(
+        cls,
+        parent: list[int],
+        cost: list[float],
+        size: list[int],
+        depth: list[int],
+        leaf_of_patch: NDArray[np.int64],
+        null_cost: list[float] | None = None,
+    ) -> TreeArrays:
+        """The arrays of a tree grown node by node into lists (numpy and torch growers)."""
+        return cls(
+            parent=np.asarray(parent, np.int64),
+            cost=np.asarray(cost, np.float64),
+            size=np.asarray(size, np.int64),
+            depth=np.asarray(depth, np.int64),
+            leaf_of_patch=leaf_of_patch,
+            null_cost=None if null_cost is None else np.asarray(null_cost, np.float64),
+        )
+
     @property
     def n_nodes(self) -> int:
         """Number of nodes."""
@@ -246,13 +266,8 @@ def iter_ncut_tree(
             members[child] = side
             leaf_of_patch[side] = child
             queue.append(child)
-    return TreeArrays(
-        parent=np.asarray(parent, np.int64),
-        cost=np.asarray(cost, np.float64),
-        size=np.asarray(size, np.int64),
-        depth=np.asarray(depth, np.int64),
-        leaf_of_patch=leaf_of_patch,
-        null_cost=None if null is None else np.asarray(null_cost, np.float64),
+    return TreeArrays.from_lists(
+        parent, cost, size, depth, leaf_of_patch, null_cost if null is not None else None
     )
 
 
