@@ -28,6 +28,8 @@ _LAZY = {
     "TiledSegmentation": "napari_diffcut.large.tiling",
     "run_batch": "napari_diffcut.batch.runner",
     "segment_layer": "napari_diffcut.plugin.scripting",
+    "count_instances": "napari_diffcut.core.instances",
+    "Instances": "napari_diffcut.core.instances",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     # ruff: noqa: F401 - re-exported lazily through __getattr__
     from napari_diffcut.core.errors import DiffCutError
     from napari_diffcut.core.hierarchy import Hierarchy, Node, ncut_hierarchy
+    from napari_diffcut.core.instances import Instances, count_instances
     from napari_diffcut.large.dispatch import DiffCutEngine, iter_segment, segment
     from napari_diffcut.pipeline.segmentation import Segmentation
     from napari_diffcut.pipeline.settings import Progress, Settings

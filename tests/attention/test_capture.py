@@ -35,7 +35,7 @@ def _unet_inputs(model, latent_hw: tuple[int, int], seed: int = 0):
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def loaded(request: pytest.FixtureRequest):
     path = request.getfixturevalue(FAMILIES[request.param][0])
-    model = load_model(str(path), device="cpu")
+    model = load_model(str(path), device="cpu", dtype="float32")  # exact fp32 comparisons
     model.fixture_name = request.param
     return model
 

@@ -132,7 +132,7 @@ def test_sdxl_conditioning_equals_diffusers_pipeline(
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = request.getfixturevalue(fixture)
-    m = load_model(str(folder), device="cpu")
+    m = load_model(str(folder), device="cpu", dtype="float32")  # vs the fp32 pipeline
     assert m.family == "sdxl" and m.attention_factors == (2, 4) and m.patch_size == 16
     assert m.scaling_factor == 0.13025 and m.vae_dtype == torch.float32
     pipe = _sdxl_pipeline(folder)

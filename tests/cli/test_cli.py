@@ -393,3 +393,55 @@ def test_cached_hub_model_loads_without_the_network(
     assert tifffile.imread(out).shape == (96, 144)
     assert json.loads((tmp_path / "labels.diffcut.json").read_text())["model"] == "owner/tiny"
     assert time.perf_counter() - start < 120  # no hub retries
+
+
+def test_instances_count_nuclei_into_a_tiff_and_a_csv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import csv
+
+    from napari_diffcut.files.samples import make_nuclei
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["segment", "--sample", "nuclei", "--backbone", "pixels", "-q", "--out", "res",
+            "--instances"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    instances = tifffile.imread(tmp_path / "res" / "nuclei.instances.tif")
+    rows = list(csv.DictReader((tmp_path / "res" / "nuclei.instances.csv").open()))
+    record = json.loads((tmp_path / "res" / "nuclei.diffcut.json").read_text())
+    count = record["instances"]["count"]
+    assert f", {count} instances -> " in line and "res/nuclei.instances.csv" in line
+    assert len(rows) == count == int(instances.max())
+    assert list(rows[0]) == ["label", "segment", "area", "centroid_y", "centroid_x"]
+    assert [int(r["area"]) for r in rows] == np.bincount(instances.ravel())[1:].tolist()
+    truth = int(make_nuclei()[1].max())
+    assert abs(count - truth) <= 0.2 * truth  # objects, not fragments of them
+    assert record["instances_output"].endswith("nuclei.instances.tif")
+    # A rerun without --instances replaces the set: no instance file of older labels stays.
+    assert main([*argv[:-1], "--overwrite"]) == 0
+    assert not (tmp_path / "res" / "nuclei.instances.tif").exists()
+    assert not (tmp_path / "res" / "nuclei.instances.csv").exists()
+
+
+def test_instances_refuse_a_stack_before_computing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.zeros((3, 32, 32), np.uint16), metadata={"axes": "ZYX"})
+    rc = main(["segment", str(path), *FAST, "--instances", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--instances counts objects in a 2-D image" in _one_error_line(
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_instance_outputs_are_never_written_over_without_overwrite(
+    image_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    foreign = image_file.with_name("smear.instances.csv")
+    foreign.write_text("my own notes\n")
+    rc = main(["segment", str(image_file), *FAST, "--instances"])
+    assert rc == 2 and "smear.instances.csv" in _one_error_line(capsys.readouterr().err)
+    rc = main(["segment", str(image_file), *FAST, "--instances", "--overwrite"])
+    assert rc == 2 and foreign.read_text() == "my own notes\n"  # not ours: never replaced

@@ -55,3 +55,38 @@ def test_validation(kwargs: dict, match: str) -> None:
         instance_labels(np.ones((3, 3), int), **kwargs)
     with pytest.raises(ValueError, match="2-D integer"):
         instance_labels(np.ones((3, 3)))
+
+
+# -- count_instances: what the API, the CLI and the widget count ---------------------
+
+
+def test_count_leaves_out_the_largest_segment_and_joins_touching_pieces() -> None:
+    from napari_diffcut.core.instances import count_instances
+
+    shape = (64, 80)
+    core, rim = _disc(shape, 20, 20, 5), _disc(shape, 20, 20, 9)
+    other = _disc(shape, 40, 60, 8)
+    seg = np.full(shape, 1, np.uint32)  # the background: the largest segment
+    seg[rim] = 4  # a nucleus: a dim rim ...
+    seg[core] = 5  # ... around a bright core: two segments, one object
+    seg[other] = 5
+    found = count_instances(seg, min_size=10)
+    assert found.background == 1 and found.count == 2
+    assert found.labels.dtype == np.uint32 and (found.labels[seg == 1] == 0).all()
+    assert found.areas.tolist() == [int(rim.sum()), int(other.sum())]
+    assert found.table[0]["segment"] == 4  # the rim covers most of the first object
+    assert found.record() == {"count": 2, "min_size": 10, "background": 1,
+                              "connectivity": 1, "by_segment": False}
+    apart = count_instances(seg, min_size=10, by_segment=True)
+    assert apart.count == 3 and apart.by_segment  # rim, core, other
+    everything = count_instances(seg, min_size=10, background=None)
+    assert everything.count == 1  # all touch: the whole image is one piece
+    assert count_instances(seg, min_size=10, background=5).background == 5
+
+
+def test_count_rejects_a_bad_background_in_one_line() -> None:
+    from napari_diffcut.core.instances import count_instances
+
+    with pytest.raises(ValueError, match="background must be 'largest', a label or None"):
+        count_instances(np.ones((4, 4), int), background="biggest")
+    assert count_instances(np.zeros((4, 4), int)).count == 0  # nothing to count

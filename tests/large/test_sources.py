@@ -136,11 +136,12 @@ def test_multiscale_runs_on_closest_level_and_writes_level0_lazily() -> None:
     eight = [np.zeros((256, 256, 8), np.uint16), np.zeros((128, 128, 8), np.uint16)]
     assert choose_level(eight, 128, 2) == 1  # resolved channel axis: no ambiguity error
     assert choose_level(levels, 128, None) == 3 and choose_level(levels, 512, None) == 1
-    eager = segment(levels, **FAST)
+    # Lazy labels are never refined (no full-resolution image beside them): compare unrefined.
+    eager = segment(levels, **FAST, refine=False)
     assert isinstance(eager, Segmentation) and eager.labels.shape == (1024, 1024)
     assert eager.settings["source_level"] == 3 and eager.settings["image_shape"] == [128, 128]
     lazy = segment(levels, memory_budget=4, **FAST)  # level 0 labels: 8 MB > 4 MiB
-    assert isinstance(lazy, LazySegmentation)
+    assert isinstance(lazy, LazySegmentation) and lazy.settings["refined"] is False
     labels = lazy.labels
     assert type(labels).__name__ == "Array" and labels.shape == (1024, 1024)
     np.testing.assert_array_equal(np.asarray(labels), eager.labels)

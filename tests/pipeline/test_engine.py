@@ -186,19 +186,31 @@ def test_resolution_weights_select_layers(tiny_model: Path, two_tone_image: np.n
     assert seg.settings["attention_grids"] == [seg.settings["grid"]]
 
 
-def test_refine_option_moves_edges_and_keeps_levels_nested(three_regions) -> None:
-    """refine=True runs PAMR once on the leaves: a re-cut is still a lookup, levels nest."""
+def test_refine_is_on_by_default_and_keeps_levels_nested(three_regions) -> None:
+    """Refinement runs by default, once on the leaves: a re-cut stays a lookup, levels nest."""
     import napari_diffcut
 
-    plain = napari_diffcut.segment(three_regions, backbone="pixels", min_size=4)
-    refined = napari_diffcut.segment(three_regions, backbone="pixels", min_size=4, refine=True)
+    refined = napari_diffcut.segment(three_regions, backbone="pixels", min_size=4)
+    plain = napari_diffcut.segment(three_regions, backbone="pixels", min_size=4, refine=False)
     assert refined.settings["refined"] is True and plain.settings["refined"] is False
+    assert refined.settings["refine"] is True
     assert len(refined.tree) == len(plain.tree)  # the same tree: only the pixels move
     levels = refined.levels
     for coarse, fine in zip(levels, levels[1:], strict=False):
         # every fine segment lies inside one coarse segment
         pairs = np.unique(np.stack([fine.ravel(), coarse.ravel()]), axis=1)
         assert len(np.unique(pairs[0])) == pairs.shape[1]
+    lut = refined.hierarchy.node_lut(0.9)
+    assert np.array_equal(refined.cut(0.9), lut[refined.pixel_leaf])  # a re-cut is a lookup
+
+
+def test_a_record_from_before_refinement_reproduces_unrefined() -> None:
+    from napari_diffcut.pipeline.settings import Settings
+
+    old = Settings(backbone="pixels").as_dict()
+    del old["refine"]
+    assert Settings.from_dict(old).refine is True  # a plain dict: today's default
+    assert Settings.from_dict(dict(old, napari_diffcut_version="0.1.0")).refine is False
 
 
 def test_refine_is_a_cli_option(tmp_path, three_regions) -> None:
@@ -208,9 +220,11 @@ def test_refine_is_a_cli_option(tmp_path, three_regions) -> None:
 
     src = tmp_path / "img.tif"
     tifffile.imwrite(src, three_regions)
-    assert main(["segment", str(src), "--backbone", "pixels", "--min-size", "4", "--refine",
-                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
     import json
 
-    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
-    assert record["refine"] is True and record["refined"] is True
+    for flag, expected in (([], True), (["--no-refine"], False), (["--refine"], True)):
+        out = tmp_path / f"out{len(flag)}{expected}"
+        assert main(["segment", str(src), "--backbone", "pixels", "--min-size", "4", *flag,
+                     "--out", str(out), "--quiet"]) == 0
+        record = json.loads(next(out.glob("*.json")).read_text())
+        assert record["refine"] is expected and record["refined"] is expected

@@ -132,6 +132,42 @@ def check_levels_possible(image: Any, settings: Any) -> None:
         )
 
 
+#: Bytes per pixel that counting instances holds at once (labels, component
+#: indices and the neighbour links, int64 each).
+INSTANCE_BYTES_PER_PIXEL = 40
+
+
+def check_instances_possible(image: Any, settings: Any) -> None:
+    """``--instances`` needs a 2-D image whose label image fits the memory budget."""
+    from napari_diffcut.large.sources import ImageSource, is_multiscale
+
+    first = image[0] if is_multiscale(image) else image
+    try:
+        source = ImageSource(first, settings.channel_axis, settings.channels)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if source.stack_shape:
+        raise UserError(
+            f"--instances counts objects in a 2-D image; this image has stack axes "
+            f"{source.stack_shape} (segment its planes as separate images)"
+        )
+    need = INSTANCE_BYTES_PER_PIXEL * math.prod(source.plane_shape)
+    if need > int(settings.memory_budget) << 20:
+        raise UserError(
+            f"--instances on a {source.plane_shape} image needs about {need >> 20} MiB; raise "
+            f"--memory-budget (now {settings.memory_budget}) or segment a smaller image"
+        )
+
+
+def count_output_instances(seg: Any, min_size: int) -> Any:
+    """Instances of a run's labels (any 2-D result type; the background left out)."""
+    import numpy as np
+
+    from napari_diffcut.core.instances import count_instances
+
+    return count_instances(np.asarray(seg.labels), int(min_size))
+
+
 def channel_axis_from_axes(settings: Any, axes: str) -> Any:
     """Default ``channel_axis`` from a TIFF's axes string ('C', or 'S' samples)."""
     for letter in ("C", "S"):

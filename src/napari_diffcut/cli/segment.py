@@ -5,7 +5,8 @@ The contract (README "Command line"):
 * several images, or shipped samples (``--sample blood-smear``), in one run;
 * ``--out DIR`` is a folder, created if missing, that receives one
   ``NAME.diffcut.tif`` and one ``NAME.diffcut.json`` per image (and
-  ``NAME.levels.tif`` with ``--levels``); without ``--out`` they go beside
+  ``NAME.levels.tif`` with ``--levels``, ``NAME.instances.tif`` and
+  ``NAME.instances.csv`` with ``--instances``); without ``--out`` they go beside
   each input; ``-o FILE.tif`` (or ``FILE.zarr``) names the labels of a single image;
 * every output name is planned and checked before anything is computed
   (never an input, never an existing file without ``--overwrite``, never two
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from napari_diffcut.pipeline.options import UserError
+from napari_diffcut.pipeline.options import UserError, at_least
 
 #: Suffixes of a label *file* given to ``--out`` (anything else names a folder).
 LABEL_SUFFIXES = (".tif", ".tiff", ".zarr")
@@ -137,7 +138,13 @@ def output_paths(
 
 
 def plan_all(
-    images: list[ImageInput], mode: str, out: Path | None, *, levels: bool, overwrite: bool
+    images: list[ImageInput],
+    mode: str,
+    out: Path | None,
+    *,
+    levels: bool,
+    overwrite: bool,
+    instances: bool = False,
 ) -> list[Any]:
     """Checked output plans of every image, before any image is read or segmented.
 
@@ -145,14 +152,15 @@ def plan_all(
     (never an input, never a file without ``--overwrite``); here also no two
     images may share a name, and every output folder must be writable.
     """
-    from napari_diffcut.files.outputs import plan_outputs
+    from napari_diffcut.files.outputs import instance_names, plan_outputs
 
     inputs = [i.path for i in images if i.path is not None]
     plans = []
     claimed: dict[Path, ImageInput] = {}
     for image in images:
         names = output_paths(image, mode, out)
-        written = (names[0], names[1], names[2]) if levels else (names[0], names[2])
+        written = [names[0], *([names[1]] if levels else []), names[2]]
+        written += list(instance_names(names[0])) if instances else []
         for path in written:
             key = path.absolute()
             if key in claimed:
@@ -162,7 +170,10 @@ def plan_all(
                 )
             claimed[key] = image
         plans.append(
-            plan_outputs(names[0], inputs=inputs, levels=levels, overwrite=overwrite, names=names)
+            plan_outputs(
+                names[0], inputs=inputs, levels=levels, overwrite=overwrite, names=names,
+                instances=instances,
+            )
         )
     for folder in sorted({plan.folder for plan in plans}):
         check_writable(folder)
@@ -209,14 +220,25 @@ def input_record(image: ImageInput, axes: str) -> dict[str, Any]:
     return rec
 
 
-def write_outputs(run: Any, seg: Any, record: dict[str, Any], *, levels: bool) -> list[Path]:
-    """Write one image's labels (+ levels) and record into its staging folder, then commit."""
+def write_outputs(
+    run: Any, seg: Any, record: dict[str, Any], *, levels: bool, instances: Any = None
+) -> list[Path]:
+    """Write one image's labels (+ levels, + instances) and record, then commit.
+
+    ``instances`` is the :class:`~napari_diffcut.core.instances.Instances` of
+    the labels when ``--instances`` was given.
+    """
     import numpy as np
 
     from napari_diffcut.cli.labels import write_label_output
+    from napari_diffcut.results.export import instance_table_csv
 
     stack = np.stack([np.asarray(v) for v in seg.levels]) if levels else None
-    run.write(seg.labels, stack, record, write=write_label_output)
+    counted = None
+    if instances is not None:
+        record["instances"] = instances.record()
+        counted = (instances.labels, instance_table_csv(instances.table))
+    run.write(seg.labels, stack, record, write=write_label_output, instances=counted)
     return run.commit()
 
 
@@ -226,7 +248,10 @@ def segment_images(args: argparse.Namespace) -> int:
 
     images = collect_inputs(args.image, args.sample or [])
     mode, out = out_mode(args.out, len(images))
-    plans = plan_all(images, mode, out, levels=args.levels, overwrite=args.overwrite)
+    plans = plan_all(
+        images, mode, out, levels=args.levels, overwrite=args.overwrite,
+        instances=args.instances,
+    )
     offline = False
     if args.backbone == "diffusion":
         found = check_model(args.model, revision=args.revision, allow_pickle=args.allow_pickle)
@@ -274,7 +299,9 @@ def segment_one(image: ImageInput, plan: Any, settings: Any, engine: Any, args: 
 
     from napari_diffcut.cli.labels import (
         channel_axis_from_axes,
+        check_instances_possible,
         check_levels_possible,
+        count_output_instances,
         output_bytes,
         summary,
     )
@@ -286,7 +313,10 @@ def segment_one(image: ImageInput, plan: Any, settings: Any, engine: Any, args: 
     s = channel_axis_from_axes(settings, axes) if settings.channel_axis is None else settings
     if args.levels:
         check_levels_possible(data, s)
+    if args.instances:
+        check_instances_possible(data, s)
     need = output_bytes(data, levels=args.levels, max_depth=s.max_depth)
+    need += output_bytes(data, levels=False, max_depth=0) if args.instances else 0
     plan = dataclasses.replace(plan, need_bytes=need)
     with OutputRun(plan, own_temp=True) as run:  # writable, with room, before computing
         to_zarr = plan.labels.suffix.lower() == ".zarr"
@@ -302,9 +332,11 @@ def segment_one(image: ImageInput, plan: Any, settings: Any, engine: Any, args: 
         used = record.get("channel_axis_used")
         if axes:
             record["labels_axes"] = axes if used is None else axes[:used] + axes[used + 1 :]
-        written = write_outputs(run, seg, record, levels=args.levels)
+        counted = count_output_instances(seg, args.instance_min_size) if args.instances else None
+        written = write_outputs(run, seg, record, levels=args.levels, instances=counted)
     drop_temporary_store(seg, plan.labels)
-    return f"{image.label}: {summary(seg)} -> {', '.join(shown(p) for p in written)}"
+    what = summary(seg) + (f", {counted.count} instances" if counted is not None else "")
+    return f"{image.label}: {what} -> {', '.join(shown(p) for p in written)}"
 
 
 def shown(path: Path) -> str:
@@ -361,6 +393,20 @@ def add_segment_parser(sub: Any) -> argparse.ArgumentParser:
     )
     seg.add_argument(
         "--levels", action="store_true", help="also write every hierarchy level (NAME.levels.tif)"
+    )
+    seg.add_argument(
+        "--instances",
+        action="store_true",
+        help="also count objects: each connected piece outside the largest segment (the "
+        "background) gets its own id (NAME.instances.tif) and a row of segment, area and "
+        "centroid in NAME.instances.csv",
+    )
+    seg.add_argument(
+        "--instance-min-size",
+        type=at_least(1),
+        default=16,
+        metavar="PIXELS",
+        help="with --instances: smaller pieces are dropped (default 16 pixels)",
     )
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--quiet", "-q", action="store_true", help="no live stage line on stderr")

@@ -10,11 +10,23 @@ table (one row per instance); the count is its length.
 
 Pieces never merge across segments: two touching pixels of different segments
 belong to different instances even when both segments are chosen.
+
+:func:`count_instances` is what the API, the command line and the widget call:
+by default it leaves out the *background*, taken to be the segment with the
+largest area (in a nuclei or cell image the medium between objects is the
+largest region; ``background=None`` splits every segment, an int names the
+background label), and an object is a connected piece of everything else:
+touching pieces of different segments are one object (a nucleus whose bright
+core and dimmer rim are two segments counts once; on the shipped nuclei
+sample this gives the true 29 where per-segment pieces give 66).
+``by_segment=True`` keeps the pieces of each segment apart instead
+(:func:`instance_labels`). It returns an :class:`Instances`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +40,159 @@ DEFAULT_MIN_SIZE = 16
 #: image), the segment it came from, its area in pixels and its centroid (mean
 #: row and column, pixels, the layer's scale not applied).
 INSTANCE_COLUMNS = ("label", "segment", "area", "centroid_y", "centroid_x")
+#: The background choices of :func:`count_instances` besides a label value.
+BACKGROUNDS = ("largest", None)
+
+
+@dataclass(frozen=True)
+class Instances:
+    """Instance labels of one label image, with their table (:func:`count_instances`).
+
+    Attributes
+    ----------
+    labels : (M, N) ndarray of uint32
+        Instance id per pixel (1..count), 0 on the background and dropped pieces.
+    table : list of dict
+        One row per instance, keys :data:`INSTANCE_COLUMNS`.
+    min_size : int
+        Smallest instance kept, in pixels.
+    background : int or None
+        The segment label left out (None: every segment was split).
+    connectivity : int
+        1: 4-connected pieces; 2: 8-connected.
+    by_segment : bool
+        Whether pieces of different segments were kept apart.
+    """
+
+    labels: NDArray[np.uint32]
+    table: list[dict[str, Any]] = field(default_factory=list)
+    min_size: int = DEFAULT_MIN_SIZE
+    background: int | None = None
+    connectivity: int = 1
+    by_segment: bool = False
+
+    @property
+    def count(self) -> int:
+        """Number of instances."""
+        return len(self.table)
+
+    @property
+    def areas(self) -> NDArray[np.int64]:
+        """Area in pixels of each instance, in id order."""
+        return np.array([row["area"] for row in self.table], np.int64)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-serialisable facts of the counting (for a run's settings record)."""
+        return {
+            "count": self.count,
+            "min_size": int(self.min_size),
+            "background": self.background,
+            "connectivity": int(self.connectivity),
+            "by_segment": bool(self.by_segment),
+        }
+
+
+def largest_segment(labels: NDArray[np.integer]) -> int | None:
+    """The non-zero label with the most pixels (ties: the smallest label), or None.
+
+    Examples
+    --------
+    >>> largest_segment(np.array([[1, 1, 2], [3, 3, 3]]))
+    3
+    """
+    lab = np.asarray(labels).ravel()
+    values, counts = np.unique(lab[lab != 0], return_counts=True)
+    return int(values[np.argmax(counts)]) if values.size else None
+
+
+def count_instances(
+    labels: NDArray[np.integer],
+    min_size: int = DEFAULT_MIN_SIZE,
+    *,
+    background: int | str | None = "largest",
+    connectivity: int = 1,
+    by_segment: bool = False,
+) -> Instances:
+    """Objects of every segment but the background (module docstring).
+
+    Parameters
+    ----------
+    labels : (M, N) ndarray of int
+        Segment labels (a cut of the tree, a level, or an edited layer).
+    min_size : int
+        Pieces with fewer pixels are dropped.
+    background : "largest", int or None
+        The segment that is not split into instances: "largest" (default) the
+        one with the most pixels, an int that label, None none.
+    connectivity : {1, 2}
+        See :func:`instance_labels`.
+    by_segment : bool
+        False (default): touching pieces of different segments are one object,
+        whose ``segment`` column is the segment covering most of it; True:
+        every segment's pieces are separate instances.
+
+    Returns
+    -------
+    Instances
+
+    Raises
+    ------
+    ValueError
+        A bad ``background`` (or any error of :func:`instance_labels`).
+
+    Examples
+    --------
+    >>> seg = np.array([[1, 1, 1, 1],
+    ...                 [1, 2, 1, 2],
+    ...                 [1, 1, 1, 2]])
+    >>> found = count_instances(seg, min_size=1)
+    >>> found.count, found.background, found.areas.tolist()
+    (2, 1, [1, 2])
+    >>> touching = np.array([[1, 1, 1, 1],
+    ...                      [1, 2, 3, 1],
+    ...                      [1, 1, 3, 1]])
+    >>> count_instances(touching, 1).count, count_instances(touching, 1, by_segment=True).count
+    (1, 2)
+    """
+    lab = np.asarray(labels)
+    if isinstance(background, str):
+        if background != "largest":
+            raise ValueError(
+                f"background must be 'largest', a label or None, got {background!r}"
+            )
+        back = largest_segment(lab) if lab.ndim == 2 else None
+    elif background is None or isinstance(background, int | np.integer):
+        back = None if background is None else int(background)
+    else:
+        raise ValueError(f"background must be 'largest', a label or None, got {background!r}")
+    if by_segment:
+        segments = None
+        if back is not None:
+            segments = [int(v) for v in np.unique(lab) if v != 0 and v != back]
+        inst, table = instance_labels(lab, min_size, segments=segments, connectivity=connectivity)
+        return Instances(inst, table, int(min_size), back, int(connectivity), True)
+    foreground = (lab != 0) if back is None else (lab != 0) & (lab != back)
+    inst, table = instance_labels(foreground, min_size, connectivity=connectivity)
+    major = _majority_segment(inst, lab, len(table))
+    for row in table:
+        row["segment"] = int(major[row["label"]])
+    return Instances(inst, table, int(min_size), back, int(connectivity))
+
+
+def _majority_segment(
+    instances: NDArray[np.uint32], lab: NDArray[Any], n: int
+) -> NDArray[np.int64]:
+    """Segment label covering the most pixels of each instance id 0..n (ties: smallest)."""
+    on = instances.ravel() > 0
+    ids = instances.ravel()[on].astype(np.int64)
+    values, seg = np.unique(np.asarray(lab).ravel()[on], return_inverse=True)
+    out = np.zeros(n + 1, np.int64)
+    if ids.size == 0:
+        return out
+    counts = np.zeros((n + 1, values.size), np.int64)
+    np.add.at(counts, (ids, seg.ravel()), 1)
+    out[1:] = values[np.argmax(counts[1:], axis=1)]
+    return out
 
 
 def instance_labels(

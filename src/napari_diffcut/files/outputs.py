@@ -1,9 +1,10 @@
 """One run's outputs: planned up front, written aside, moved into place together.
 
-A run of the command line or of one batch image writes up to three files
-derived from one stem: ``-o A.tif`` gives ``A.tif``, ``A.levels.tif`` and
+A run of the command line or of one batch image writes up to five files
+derived from one stem: ``-o A.tif`` gives ``A.tif``, ``A.levels.tif``,
+``A.instances.tif`` + ``A.instances.csv`` (with ``--instances``) and
 ``A.diffcut.json``; ``-o A.v2.tif`` gives ``A.v2.tif``, ``A.v2.levels.tif``,
-``A.v2.diffcut.json`` (``NAME.diffcut.tif`` keeps the stem ``NAME``).
+..., ``A.v2.diffcut.json`` (``NAME.diffcut.tif`` keeps the stem ``NAME``).
 
 :func:`plan_outputs` checks every name before anything is computed: none may
 be (or alias, through a link or a folder) an input; an existing name is
@@ -51,6 +52,7 @@ __all__ = [
     "STAGING_PREFIX",
     "OutputPlan",
     "OutputRun",
+    "instance_names",
     "output_names",
     "output_stem",
     "plan_outputs",
@@ -89,6 +91,9 @@ class OutputPlan:
         does not rewrite them (a levels TIFF that would not match new labels).
     need_bytes : int
         Free space the outputs may take (checked when the run starts).
+    instances, instance_table : Path or None
+        Instance labels (``STEM.instances.tif``) and their per-instance CSV
+        (``STEM.instances.csv``), when asked for.
     """
 
     labels: Path
@@ -96,6 +101,8 @@ class OutputPlan:
     levels: Path | None = None
     stale: tuple[Path, ...] = ()
     need_bytes: int = 0
+    instances: Path | None = None
+    instance_table: Path | None = None
 
     @property
     def folder(self) -> Path:
@@ -105,7 +112,8 @@ class OutputPlan:
     @property
     def outputs(self) -> list[Path]:
         """Every output path, the record JSON last (the commit order)."""
-        return [self.labels, *([self.levels] if self.levels else []), self.record]
+        extra = [p for p in (self.levels, self.instances, self.instance_table) if p]
+        return [self.labels, *extra, self.record]
 
 
 def output_stem(labels: str | os.PathLike[str]) -> str:
@@ -132,11 +140,25 @@ def output_names(labels: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
     return p, p.with_name(stem + ".levels.tif"), p.with_name(stem + ".diffcut.json")
 
 
+def instance_names(labels: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(instance labels TIFF, per-instance CSV) of a run that writes ``labels``.
+
+    Examples
+    --------
+    >>> [p.name for p in instance_names("out/cells.diffcut.tif")]
+    ['cells.instances.tif', 'cells.instances.csv']
+    """
+    p = Path(os.fspath(labels))
+    stem = output_stem(p)
+    return p.with_name(stem + ".instances.tif"), p.with_name(stem + ".instances.csv")
+
+
 def plan_outputs(
     labels: str | os.PathLike[str],
     *,
     inputs: Sequence[str | os.PathLike[str]],
     levels: bool = False,
+    instances: bool = False,
     overwrite: bool = False,
     need_bytes: int = 0,
     names: tuple[Path, Path, Path] | None = None,
@@ -152,6 +174,8 @@ def plan_outputs(
         Files the run reads: no output may be, alias or contain one.
     levels : bool
         The run writes every hierarchy level too.
+    instances : bool
+        The run writes instance labels and their CSV too (:func:`instance_names`).
     overwrite : bool
         Replace existing napari-diffcut outputs of these names.
     need_bytes : int
@@ -177,19 +201,26 @@ def plan_outputs(
     lab, lev, rec = names or output_names(labels)
     lab, lev, rec = (absolute(p) for p in (lab, lev, rec))
     ins = [absolute(Path(os.fspath(x))) for x in inputs]
+    inst, table = (absolute(p) for p in instance_names(lab))
     recover_stale(lab.parent)
-    wanted = [lab, *([lev] if levels else []), rec]
+    wanted = [lab, *([lev] if levels else []), *([inst, table] if instances else []), rec]
     for path in wanted:
         _check_not_input(path, ins)
         if exists(path):
             _check_replaceable(path, overwrite, rec, owned=owned)
     if exists(rec) and is_our_record(rec):
         _check_same_run(rec, lab)
+    # Our older outputs of this stem that this run does not rewrite would no
+    # longer match the new labels: the commit removes them.
+    unwritten = [*([] if levels else [lev]), *([] if instances else [inst, table])]
     stale = tuple(
-        p for p in ([] if levels else [lev])
+        p for p in unwritten
         if overwrite and exists(p) and not aliases_input(p, ins) and is_ours(p, rec, owned)
     )
-    return OutputPlan(lab, rec, lev if levels else None, stale, int(need_bytes))
+    return OutputPlan(
+        lab, rec, lev if levels else None, stale, int(need_bytes),
+        inst if instances else None, table if instances else None,
+    )
 
 
 def write_run_outputs(
@@ -286,8 +317,11 @@ class OutputRun:
         record: dict[str, Any],
         *,
         write: Callable[[Path, Any], Any] | None = None,
+        instances: tuple[Any, str] | None = None,
     ) -> None:
         """Write labels, levels and the record into the staging folder.
+
+        ``instances`` is (instance labels, CSV text) when the plan has them.
 
         A labels folder already staged (a ``.zarr`` the run wrote in place)
         is kept. Any OSError becomes a one-line DiffCutError.
@@ -304,6 +338,13 @@ class OutputRun:
                     raise DiffCutError("the plan has a levels output but no levels were given")
                 writer(self.staged(plan.levels), levels)
                 record["levels_output"] = str(plan.levels)
+            if plan.instances is not None and plan.instance_table is not None:
+                if instances is None:
+                    raise DiffCutError("the plan has instance outputs but no instances were given")
+                writer(self.staged(plan.instances), instances[0])
+                self.staged(plan.instance_table).write_text(instances[1], encoding="utf-8")
+                record["instances_output"] = str(plan.instances)
+                record["instances_table"] = str(plan.instance_table)
             write_json(self.staged(plan.record), record)
         except OSError as exc:
             self.abort()

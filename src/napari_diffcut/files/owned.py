@@ -88,7 +88,8 @@ def named_by_record(path: Path, record: Path) -> bool:
     data = load_record(record) if is_our_record(record) else None
     if not data:
         return False
-    named = {Path(str(data[k])).name for k in ("output", "levels_output") if data.get(k)}
+    keys = ("output", "levels_output", "instances_output", "instances_table")
+    named = {Path(str(data[k])).name for k in keys if data.get(k)}
     return path.name in named
 
 

@@ -29,6 +29,7 @@ from napari_diffcut.core.image import (
     apply_limits,
     channel_limits,
     grey_or_rgb,
+    intensity_rule,
     latent_grid,
     pick_channels,
     resolve_channel_axis,
@@ -108,6 +109,8 @@ class ImageSource:
             array = np.asarray(array)
         shape = tuple(int(n) for n in array.shape)
         self.array = array
+        # The intensity rule each plane got when it was mapped (for its record).
+        self._rules: dict[tuple[int, ...], str] = {}
         self.channel_axis = resolve_channel_axis(shape, channel_axis, channels)
         spatial = [i for i in range(len(shape)) if i != self.channel_axis]
         if len(spatial) < 2:
@@ -194,7 +197,27 @@ class ImageSource:
         if contrast_limits is not None:
             lim = np.asarray(contrast_limits, np.float64)
             return np.repeat(lim[None], n, 0) if lim.shape == (2,) else lim
-        return channel_limits(self.sample(index), normalize)
+        sample = self.sample(index)
+        self._rules[tuple(index)] = intensity_rule(sample, normalize)
+        return channel_limits(sample, normalize)
+
+    def intensity(
+        self,
+        index: tuple[int, ...] = (),
+        normalize: tuple[float, float] | None = (1.0, 99.8),
+        contrast_limits: Any = None,
+    ) -> str:
+        """How a plane's intensities map to [0, 1], for the run record.
+
+        "contrast_limits" (a window was given), else the rule of
+        :func:`~napari_diffcut.core.image.intensity_rule` on the plane's sample:
+        "uint8" (bright 8-bit, divided by 255), "percentiles" (16-bit, float
+        and dim 8-bit) or "minmax".
+        """
+        if contrast_limits is not None:
+            return "contrast_limits"
+        known = self._rules.get(tuple(index))  # from the read that mapped the plane
+        return known if known is not None else intensity_rule(self.sample(index), normalize)
 
     def read_rgb(
         self,
@@ -245,6 +268,8 @@ class ImageSource:
     ) -> NDArray[np.float32]:
         """A whole plane as RGB in [0, 1], exactly as :func:`to_rgb` computes it."""
         raw = self.read(index)
+        if contrast_limits is None:
+            self._rules[tuple(index)] = intensity_rule(raw, normalize)
         return to_rgb(raw, normalize=normalize, contrast_limits=contrast_limits)
 
 
@@ -392,6 +417,7 @@ def iter_segment_plane(
         limits = source.limits(index, s.normalize, contrast_limits)
         rgb = source.shrunk_rgb(index, working_target(plane, latent), limits)
     record = base_record(s, source, full)
+    record["intensity"] = source.intensity(index, s.normalize, contrast_limits)
     if index:
         record["plane_index"] = list(index)
     record.update(info or {})

@@ -435,6 +435,7 @@ def iter_segment_tiled(
     k = stitcher.finish()
     yield Progress("stitch", 1, 1, f"{k} segments")
     record = base_record(s, source, shape)
+    record["intensity"] = source.intensity(index, s.normalize, contrast_limits)
     record.update(model_info)
     record.update(
         mode_large="tiled", tile_overlap=overlap, tiles=len(tiles),

@@ -75,7 +75,7 @@ def _channel_axis(text: str) -> int | str:
         raise argparse.ArgumentTypeError(msg) from None
 
 
-def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse type for integers in [minimum, maximum]: a one-line error at parse
     time, before the settings module (numpy, scipy) is imported."""
 
@@ -142,13 +142,13 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--timestep",
-        type=_at_least(0, 999),
+        type=at_least(0, 999),
         default=300,
         help="UNet timestep of fast mode (default 300, DiffSeg)",
     )
-    add("--steps", type=_at_least(1), default=10, help="DDIM-inversion steps of 50 (default 10)")
+    add("--steps", type=at_least(1), default=10, help="DDIM-inversion steps of 50 (default 10)")
     add("--noise", action="store_true", help="fast mode: add seeded DDPM noise (DiffCut style)")
-    add("--power", type=_at_least(1), default=1, help="walk length k: use P^k (default 1)")
+    add("--power", type=at_least(1), default=1, help="walk length k: use P^k (default 1)")
     add(
         "--graph",
         choices=("walk", "similarity"),
@@ -163,18 +163,18 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--min-size",
-        type=_at_least(1),
+        type=at_least(1),
         default=16,
         help="minimum segment size in patches (default 16)",
     )
-    add("--max-depth", type=_at_least(1), default=8, help="maximum tree depth (default 8)")
+    add("--max-depth", type=at_least(1), default=8, help="maximum tree depth (default 8)")
     add(
         "--resolution-weights",
         type=_weights,
         default=None,
         help="attention weights per downsampling factor, e.g. '1:8,2:4,4:2,8:1'",
     )
-    add("--seed", type=_at_least(0), default=0, help="seed of eigen-solver start vectors and noise")
+    add("--seed", type=at_least(0), default=0, help="seed of eigen-solver start vectors and noise")
     add("--revision", default=None, help="model revision (hub models)")
     add(
         "--allow-pickle",
@@ -202,20 +202,20 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--working-size",
-        type=_at_least(64),
+        type=at_least(64),
         default=None,
         help="working size in pixels of a square image (default: the model's; SD 1.5: 512)",
     )
     add(
         "--tile-size",
-        type=_at_least(64),
+        type=at_least(64),
         default=None,
         help="tiled mode: tiles of this many pixels, stitched (default: the whole image at "
         "the working size)",
     )
     add(
         "--tile-overlap",
-        type=_at_least(0),
+        type=at_least(0),
         default=None,
         help="overlap of neighbouring tiles in pixels (default: tile size / 8)",
     )
@@ -226,12 +226,21 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--refine",
-        action="store_true",
-        help="move segment edges onto the image's own boundaries (PAMR on the leaves)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="move segment edges onto the image's own boundaries (PAMR on the tree's leaves; "
+        "default on, --no-refine keeps the patch-grid edges)",
+    )
+    add(
+        "--post",
+        choices=("auto", "numpy", "torch"),
+        default="auto",
+        help="where the stages after the model run: auto (torch on the GPU when the model is "
+        "on CUDA, else numpy), numpy, or torch (on the model's GPU, else the CPU)",
     )
     add(
         "--memory-budget",
-        type=_at_least(1),
+        type=at_least(1),
         default=512,
         help="MiB of labels held in memory; larger label images go to zarr (default 512)",
     )
@@ -264,6 +273,7 @@ SETTING_OPTIONS = (
     "consistent_stack",
     "memory_budget",
     "refine",
+    "post",
 )
 
 

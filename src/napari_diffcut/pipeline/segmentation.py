@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_diffcut.core.hierarchy import Hierarchy, Node
+from napari_diffcut.core.instances import Instances
 from napari_diffcut.core.upsample import region_maps
 
 #: Side of the dask blocks of lazy label images.
@@ -72,6 +73,46 @@ class Segmentation:
     def levels_at(self, threshold: float | str) -> list[NDArray[np.uint32]]:
         """Levels for another threshold, coarsest first."""
         return [lut[self.pixel_leaf] for lut in self.hierarchy.level_luts(threshold)]
+
+    def instances(
+        self,
+        threshold: float | str | None = None,
+        *,
+        min_size: int = 16,
+        background: int | str | None = "largest",
+        connectivity: int = 1,
+        by_segment: bool = False,
+    ) -> Instances:
+        """Instance labels for counting: each connected piece of a segment its own id.
+
+        Parameters
+        ----------
+        threshold : "auto", float or None
+            The cut to split (None: the threshold in force, as :attr:`labels`).
+        min_size : int
+            Smallest instance in pixels (smaller pieces are dropped).
+        background : "largest", int or None
+            The segment not split into instances (default: the largest one).
+        connectivity : {1, 2}
+            4- or 8-connected pieces.
+        by_segment : bool
+            False (default): touching pieces of different segments form one
+            object; True: each segment's pieces are counted apart.
+
+        Returns
+        -------
+        Instances
+            ``.labels`` (uint32, 1..count), ``.table`` (label, segment, area,
+            centroid_y, centroid_x per instance), ``.count``
+            (:mod:`napari_diffcut.core.instances`).
+        """
+        from napari_diffcut.core.instances import count_instances
+
+        labels = self.labels if threshold is None else self.cut(threshold)
+        return count_instances(
+            np.asarray(labels), min_size, background=background, connectivity=connectivity,
+            by_segment=by_segment,
+        )
 
     @property
     def tree(self) -> list[Node]:
@@ -202,6 +243,22 @@ class LazySegmentation(Segmentation):
     def levels_at(self, threshold: float | str) -> list[Any]:
         """Dask levels for another threshold, coarsest first."""
         return [self._lookup(lut) for lut in self.hierarchy.level_luts(threshold)]
+
+    def instances(
+        self,
+        threshold: float | str | None = None,
+        *,
+        min_size: int = 16,
+        background: int | str | None = "largest",
+        connectivity: int = 1,
+        by_segment: bool = False,
+    ) -> Instances:
+        """Not for lazy labels: connected components need the whole label image at once."""
+        raise ValueError(
+            f"instances need the whole label image in memory; these {self.shape} labels are "
+            "beyond memory_budget: raise memory_budget, or count on np.asarray(seg.labels) "
+            "with napari_diffcut.core.instances.count_instances"
+        )
 
     def __repr__(self) -> str:
         lut = self.hierarchy.node_lut()

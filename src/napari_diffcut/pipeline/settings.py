@@ -24,6 +24,11 @@ BACKBONES = ("diffusion", "pixels")
 MODES = ("fast", "inversion")
 
 
+#: Where the post-model stages run: "auto" (torch on the model's device iff it is CUDA),
+#: "numpy" (the core, on the host), "torch" (:mod:`napari_diffcut.accel`; see ``post``).
+POSTS = ("auto", "numpy", "torch")
+
+
 #: Native latent side of the pixels backbone (same grid as SD 1.5: 64 x 64 patches).
 PIXELS_NATIVE_LATENT = 64
 
@@ -86,6 +91,16 @@ class Settings:
     memory_budget : int
         MiB: label images (and a plane's float RGB) beyond it are never held
         whole; labels go to zarr (tiles, stacks) or stay lazy (dask).
+    refine : bool
+        Move segment edges onto the image's own boundaries (PAMR on the tree's
+        leaves, :mod:`napari_diffcut.core.refine`); on by default. Lazy label
+        images (beyond the memory budget) are not refined (the record says so).
+    post : {"auto", "numpy", "torch"}
+        Where aggregation, graph, NCut tree and pixel labels run: "auto" runs
+        them in torch on the model's device when that is CUDA, else in numpy;
+        "torch" always in torch (on CUDA when the model is there, else on the
+        CPU; also for the pixels backbone); "numpy" always on the host. The
+        record's ``post_device`` says which ran (:mod:`napari_diffcut.pipeline.accel_plane`).
     """
 
     model: str = DEFAULT_MODEL
@@ -113,12 +128,14 @@ class Settings:
     tile_overlap: int | None = None
     consistent_stack: bool = False
     memory_budget: int = DEFAULT_MEMORY_BUDGET
-    refine: bool = False
+    refine: bool = True
+    post: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_choice("backbone", self.backbone, BACKBONES)
         check_choice("mode", self.mode, MODES)
+        check_choice("post", self.post, POSTS)
         check_choice("graph", self.graph, GRAPHS)
         check_int("power", self.power, 1)
         check_int("min_size", self.min_size, 1)
@@ -163,6 +180,9 @@ class Settings:
         """Inverse of :meth:`as_dict` (unknown keys are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
+        if "napari_diffcut_version" in data and "refine" not in data:
+            # A record of a version before refinement existed: its labels were not refined.
+            kwargs["refine"] = False
         if kwargs.get("resolution_weights"):
             weights = kwargs["resolution_weights"]
             kwargs["resolution_weights"] = {int(k): v for k, v in weights.items()}

@@ -29,6 +29,9 @@ class FormFields:
     ``working_size`` and ``tile_size`` are 0 for "off" (the model's own size,
     no tiles); ``tile_overlap`` is None for "auto"; ``channel_axis`` is an
     axis of the layer's data or "none"; ``channels`` is the text typed.
+    ``instances`` (with ``instance_min_size`` pixels) is no run setting: the
+    widget counts the result's objects after the run
+    (:mod:`~napari_diffcut.plugin.instances`).
     """
 
     model: str = ""
@@ -47,6 +50,9 @@ class FormFields:
     channels: str = ""
     consistent_stack: bool = False
     layer_contrast_limits: bool = False
+    refine: bool = True
+    instances: bool = False
+    instance_min_size: int = 16
 
 
 def parse_channels(text: str) -> tuple[int, ...] | None:
@@ -98,6 +104,7 @@ def settings_from_fields(
         tile_size=tile if tile > 0 else None,
         tile_overlap=int(overlap) if tile > 0 and overlap is not None else None,
         consistent_stack=bool(fields.consistent_stack),
+        refine=bool(fields.refine),
     )
     return settings, (FROM_LAYER if fields.layer_contrast_limits else None)
 

@@ -177,6 +177,25 @@ class DiffCutForm(Container):
                 "axis labelled 'c' or 'channel'); 'none': every axis is a plane or stack axis",
             )
         )
+        self.refine_check = CheckBox(
+            text="refine edges",
+            value=True,
+            tooltip="move segment edges onto the image's own boundaries (PAMR on the tree's "
+            "leaves, once: re-cuts stay instant); off: edges on the 8-pixel patch grid",
+        )
+        self.instances_check = CheckBox(
+            text="count",
+            value=False,
+            tooltip="also add '<image> diffcut instances': each connected object outside the "
+            "background (the largest segment) gets its own id; its features hold segment, "
+            "area and centroid; re-cuts recount it (2-D results)",
+        )
+        self.instance_min_spin = SpinBox(
+            min=1,
+            max=10**7,
+            value=16,
+            tooltip="smallest object counted, in pixels",
+        )
         self.advanced_button = PushButton(text=FOLDED, tooltip="show or hide the less used options")
         self.advanced = self._build_advanced()
         self.advanced.visible = False
@@ -191,6 +210,8 @@ class DiffCutForm(Container):
                 self.working_size_spin,
                 self.tile_size_spin,
                 self.channel_axis_combo,
+                self.refine_check,
+                tight_row([self.instances_check, self.instance_min_spin], "instances"),
                 self.advanced_button,
                 self.advanced,
             ]
@@ -452,6 +473,9 @@ class DiffCutForm(Container):
             channels=self.channels_edit.value,
             consistent_stack=bool(self.consistent_check.value and self.run_on == "stack"),
             layer_contrast_limits=bool(self.contrast_check.value),
+            refine=bool(self.refine_check.value),
+            instances=bool(self.instances_check.value),
+            instance_min_size=int(self.instance_min_spin.value),
         )
 
     def settings(self, threshold: float | str = "auto") -> tuple[Settings, Any]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from napari_diffcut.plugin.features import result_kind
 from napari_diffcut.plugin.geometry import axes_geometry
+from napari_diffcut.plugin.instances import apply_instances, recount_instances
 from napari_diffcut.plugin.layers import (
     LayerDataTuple,
     diffcut_meta,
@@ -206,6 +207,8 @@ def recut_layer(viewer: Any, layer: Any, threshold: float | str) -> list[Any]:
     )
     set_segmentation_threshold(seg, setting)
     layers, _ = apply_result_layers(viewer, tuples)
+    if layers:
+        recount_instances(viewer, layers[0])  # an instance layer follows the cut
     return layers
 
 
@@ -246,6 +249,7 @@ def segment_layer(
     progress: Callable[[Progress], None] | None = None,
     contrast_limits: Any = None,
     run_on: str = "plane",
+    instances: bool | int = False,
     **settings: Any,
 ) -> list[Any]:
     """Segment an image layer in the calling thread and add the result layers.
@@ -278,6 +282,12 @@ def segment_layer(
         For a layer with more than two non-channel axes: the displayed 2-D
         plane (default), or the whole stack, plane by plane (one Labels
         layer with the stack's shape, no level layers).
+    instances : bool or int
+        Also add ``"<image> diffcut instances"``: every connected object
+        outside the background (the largest segment) with its own id, and a
+        feature table of segment, area and centroid
+        (:mod:`napari_diffcut.plugin.instances`); an int is the smallest
+        object in pixels (True: 16). Re-cuts recount it. 2-D results only.
     **settings
         :class:`~napari_diffcut.pipeline.settings.Settings` fields: model, backbone,
         device, mode, power, graph, threshold, min_size, max_depth, seed,
@@ -290,7 +300,13 @@ def segment_layer(
     Returns
     -------
     list of napari.layers.Labels
-        The main layer first, then level 1, 2, ... (2-D results only).
+        The main layer first, then level 1, 2, ... (2-D results only), then
+        the instance layer when asked for.
+
+    Raises
+    ------
+    ValueError
+        ``instances`` with ``run_on="stack"`` (before anything is computed).
 
     Examples
     --------
@@ -305,6 +321,7 @@ def segment_layer(
 
     channel_axis = settings.pop("channel_axis", LAYER_DEFAULT)
     base = make_settings(None, **settings)  # unknown names and bad values fail first
+    min_size = check_instances_option(instances, run_on)
     taken = layer_image(
         viewer,
         layer,
@@ -320,5 +337,29 @@ def segment_layer(
     seg = drain(gen, progress)
     record_intensity(seg, taken.contrast_limits)
     layers, _ = apply_result_layers(viewer, result_tuples(seg, taken))
+    if min_size is not None:
+        layers.append(apply_instances(viewer, layers[0], min_size))
     warn_alignment(taken)
     return layers
+
+
+def check_instances_option(instances: bool | int, run_on: str) -> int | None:
+    """The smallest instance in pixels asked for (None: no instances), checked up front."""
+    from napari_diffcut.core.instances import DEFAULT_MIN_SIZE
+
+    if instances is False or instances is None:
+        return None
+    if instances is True:
+        size = DEFAULT_MIN_SIZE
+    elif isinstance(instances, int) and instances >= 1:
+        size = int(instances)
+    else:
+        raise ValueError(
+            f"instances must be True, False or a minimum size in pixels >= 1, got {instances!r}"
+        )
+    if run_on == "stack":
+        raise ValueError(
+            "instances count objects in a 2-D result; run_on='stack' gives a stack: use "
+            "run_on='plane'"
+        )
+    return size

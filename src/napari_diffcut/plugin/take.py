@@ -403,7 +403,15 @@ def intensity_record(contrast_limits: tuple[float, float] | None, normalize: Any
 
 
 def record_intensity(seg: Any, contrast_limits: tuple[float, float] | None) -> None:
-    """Write :func:`intensity_record` into ``seg.settings`` (saved with the result)."""
+    """Write :func:`intensity_record` into ``seg.settings`` (saved with the result).
+
+    Without a window the engine's own record stands where it has one: it
+    names the rule the data actually got (bright 8-bit data is divided by 255,
+    dim 8-bit and 16-bit data get the percentiles; ``core.image.intensity_rule``).
+    """
     settings = getattr(seg, "settings", None)
     if isinstance(settings, dict):
-        settings.update(intensity_record(contrast_limits, settings.get("normalize")))
+        entry = intensity_record(contrast_limits, settings.get("normalize"))
+        if contrast_limits is None and settings.get("intensity"):
+            entry["intensity"] = settings["intensity"]
+        settings.update(entry)

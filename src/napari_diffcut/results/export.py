@@ -94,14 +94,36 @@ def label_table(
     return rows
 
 
-def table_csv(rows: list[dict[str, Any]]) -> str:
-    """CSV text of :func:`label_table` rows (empty cells for missing values)."""
+def table_csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
+    """CSV text of :func:`label_table` rows (empty cells for missing values).
+
+    ``columns`` gives other tables their own columns, e.g. the per-instance
+    table (:func:`instance_table_csv`).
+    """
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _cell(row.get(k)) for k in COLUMNS})
+        writer.writerow({k: _cell(row.get(k)) for k in columns})
     return buf.getvalue()
+
+
+def instance_table_csv(rows: list[dict[str, Any]]) -> str:
+    """CSV text of a per-instance table (:data:`~napari_diffcut.core.instances.INSTANCE_COLUMNS`).
+
+    One row per instance: its id, the segment it came from, its area in
+    pixels and centroid; the row count is the instance count.
+
+    Examples
+    --------
+    >>> print(instance_table_csv([{"label": 1, "segment": 3, "area": 20,
+    ...                            "centroid_y": 2.5, "centroid_x": 4.0}]), end="")
+    label,segment,area,centroid_y,centroid_x
+    1,3,20,2.5,4.0
+    """
+    from napari_diffcut.core.instances import INSTANCE_COLUMNS
+
+    return table_csv(rows, INSTANCE_COLUMNS)
 
 
 def write_table(
