@@ -70,3 +70,29 @@ def test_instances_refuse_a_stack_run_before_computing(viewer: napari.Viewer) ->
     with pytest.raises(ValueError, match="instances must be True, False or a minimum size"):
         segment_layer(viewer, layer, backbone="pixels", instances=0)
     assert [lay.name for lay in viewer.layers] == ["z"]
+
+
+def test_save_an_instance_layer_as_csv_from_its_current_data(
+    viewer: napari.Viewer, tmp_path
+) -> None:
+    import csv
+
+    image, _ = make_nuclei(128, seed=3)
+    layer = viewer.add_image(image, name="n")
+    main, *_ = segment_layer(viewer, layer, backbone="pixels", instances=True)
+    inst = viewer.layers[instances_layer_name("n")]
+    from napari_diffcut.plugin.writer import write_table_csv
+
+    data, meta, _ = inst.as_layer_data_tuple()
+    written = write_table_csv(str(tmp_path / "counts"), data, meta)
+    rows = list(csv.DictReader(open(written[0])))
+    assert written[0].endswith("counts.csv")
+    assert len(rows) == inst.metadata[INSTANCES_KEY]["count"]
+    assert list(rows[0]) == ["label", "segment", "area", "centroid_y", "centroid_x"]
+    by_label = {int(r["label"]): r for r in rows}
+    first = int(inst.features["index"][0])
+    assert int(by_label[first]["segment"]) == int(inst.features["segment"][0])
+    # A result layer saves its per-label table with the tree columns.
+    data, meta, _ = main.as_layer_data_tuple()
+    rows = list(csv.DictReader(open(write_table_csv(str(tmp_path / "main.csv"), data, meta)[0])))
+    assert "ncut_cost" in rows[0] and len(rows) == len(np.unique(np.asarray(main.data)))

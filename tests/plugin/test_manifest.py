@@ -80,11 +80,13 @@ def test_contributions() -> None:
     assert reader["command"] == "napari-diffcut.read"
     assert reader["filename_patterns"] == ["*.diffcut.zarr"]
     assert reader["accepts_directories"] is True
-    [writer] = contrib["writers"]
+    writer, table = contrib["writers"]
     assert writer["command"] == "napari-diffcut.write"
     assert commands[writer["command"]] == "napari_diffcut.plugin.writer:write_labels_layer"
     assert writer["layer_types"] == ["labels"]
     assert writer["filename_extensions"] == [".diffcut.zarr"]
+    assert commands[table["command"]] == "napari_diffcut.plugin.writer:write_table_csv"
+    assert table["layer_types"] == ["labels"] and table["filename_extensions"] == [".csv"]
 
 
 def _npe2(*args: str) -> subprocess.CompletedProcess[str]:

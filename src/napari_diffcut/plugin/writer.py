@@ -6,6 +6,13 @@ paint, split and merge edits survive a save and reopen, and its role (main
 layer or level N) is recorded so the reader puts them back in that layer.
 Plain label TIFFs stay available through napari's own writer for layers of
 any kind.
+
+:func:`write_table_csv` (extension ``.csv``) saves a Labels layer's table:
+for an instance layer (:mod:`~napari_diffcut.plugin.instances`) one row per
+object (label, segment, area, centroid), for a result layer the per-label
+table of :mod:`napari_diffcut.results.export` (with the tree columns), for any
+other Labels layer label, area and centroid. It is computed from the layer's
+current data, so painted edits are in it.
 """
 
 from __future__ import annotations
@@ -87,6 +94,68 @@ def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     except ValueError as exc:
         raise DiffCutError(f"cannot save layer {name!r}: {exc}") from exc
     return [str(written)]
+
+
+def write_table_csv(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """Save a Labels layer's per-label table as CSV (single-layer npe2 writer).
+
+    Parameters
+    ----------
+    path : str
+        Target; ``.csv`` is appended when missing.
+    data : array of int, shape (H, W)
+        The layer's current labels.
+    meta : dict
+        The layer's attributes (``metadata``, ``features``, ``name``).
+
+    Returns
+    -------
+    list of str
+        The CSV written.
+
+    Raises
+    ------
+    DiffCutError
+        The data is not a 2-D integer label image.
+    """
+    from pathlib import Path
+
+    from napari_diffcut.files.io import atomic_write_bytes
+    from napari_diffcut.pipeline.segmentation import Segmentation
+    from napari_diffcut.plugin.instances import INSTANCES_KEY
+    from napari_diffcut.results.export import instance_table_csv, label_table, table_csv
+
+    labels = np.asarray(data)
+    name = meta.get("name", "the layer")
+    if labels.ndim != 2 or labels.dtype.kind not in "ui":
+        raise DiffCutError(
+            f"layer {name!r} data is {labels.dtype} of shape {labels.shape}; a table needs a "
+            "2-D integer label image"
+        )
+    target = Path(path if str(path).lower().endswith(".csv") else f"{path}.csv")
+    metadata = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}
+    if INSTANCES_KEY in metadata:
+        rows = label_table(labels)
+        segment = _feature_column(meta.get("features"), "segment")
+        for row in rows:
+            row["segment"] = segment.get(row["label"])
+        text = instance_table_csv(rows)
+    else:
+        seg = (diffcut_meta(metadata) or {}).get("segmentation")
+        fits = isinstance(seg, Segmentation) and tuple(seg.shape) == labels.shape
+        text = table_csv(label_table(labels, seg if fits else None))
+    atomic_write_bytes(target, text.encode("utf-8"))
+    return [str(target)]
+
+
+def _feature_column(features: Any, column: str) -> dict[int, Any]:
+    """``index -> value`` of one column of a layer's features (empty when missing)."""
+    try:
+        index = [int(v) for v in features["index"]]
+        values = [None if v is None else int(v) for v in features[column]]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return dict(zip(index, values, strict=False))
 
 
 def _threshold(value: Any) -> float | str | None:
