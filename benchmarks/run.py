@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/run.py [--quick] [--json OUT.json] [--model DIR] [--device cpu|cuda]
+                             [--post auto|numpy|torch|numpy,torch] [--stages-only]
 
 Two parts, run one after the other (never side by side, so they do not slow
 each other down):
@@ -16,6 +17,11 @@ each other down):
 2. cut side, in this process (bench_ncut.py): the NCut tree of a 4096-node
    attention-like graph: ``ncut_tree_s``; the DiffCut-style dense baseline:
    ``ncut_speedup_vs_dense``; scikit-learn and scikit-image on the same graph.
+3. stages (with ``--device cuda``, ``--post`` or ``--stages-only``), in a child
+   process: end-to-end runs per post-model path (``Settings.post``: numpy
+   core or torch, issue 14), every stage's seconds from the engine's events
+   (:func:`stage_seconds`: encode, diffuse, aggregate, affinity, tree,
+   upsample, refine), and how far the paths' results agree.
 
 Every number is measured in this run. Timings are medians of repeats (the
 minimum is kept beside them in the JSON); the 1-minute load average before
@@ -49,6 +55,11 @@ TARGETS: dict[str, tuple[str, float | None]] = {
     "recut_ms": ("max", 50.0),
     "peak_rss_gib": ("max", None),  # model weights + 1.5 GiB, filled in at run time
 }
+
+#: Stages of one run, in order, as :func:`stage_seconds` times them.
+STAGES = ("encode", "diffuse", "aggregate", "affinity", "tree", "upsample", "refine")
+
+POSTS = ("auto", "numpy", "torch")
 
 
 def run_model_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,6 +98,177 @@ def run_cut_part(args: argparse.Namespace) -> dict[str, Any]:
     print("[cut part] NCut tree, dense baseline, scikit-learn, scikit-image", flush=True)
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     return bench_ncut.run(quick=args.quick, device=device)
+
+
+def stage_seconds(marks: list[tuple[str, int, int, float]], end: float) -> dict[str, float]:
+    """Seconds per stage of one run from its ``(stage, step, total, time)`` event marks.
+
+    Each stage runs from its first event to the next stage's first event:
+    encode (VAE, and the UNet up to its first attention layer) to the first
+    "diffuse"; diffuse (UNet with capture) to the last "diffuse" (on CUDA the
+    torch path waits for the device there); aggregate to the "walk" 1/1 event;
+    affinity (pi, walk, graph) to the first "cut"; tree (NCut tree with the
+    null costs) to the first "upsample"; upsample (soft pixel labels) to the
+    refinement's event ("upsample" 1/2) or the end; refine (PAMR) to the end.
+    Both post paths synchronise a CUDA device before each of these events.
+    """
+
+    def first(stage: str, step: int | None = None, total: int | None = None) -> float | None:
+        for s, st, tot, t in marks:
+            if s == stage and step in (None, st) and total in (None, tot):
+                return t
+        return None
+
+    diffuse = [t for s, _, _, t in marks if s == "diffuse"]
+    t_refine = first("upsample", 1, 2)
+    t_up = first("upsample")
+    points = [
+        first("encode"),
+        first("diffuse"),
+        diffuse[-1],
+        first("walk", 1, 1),
+        first("cut"),
+        t_up,
+        t_refine if t_refine is not None else end,
+        end,
+    ]
+    if any(p is None for p in points):
+        missing = [STAGES[i] for i, p in enumerate(points[:-1]) if p is None]
+        raise ValueError(f"no events for stage(s) {missing}")
+    out = {k: b - a for k, a, b in zip(STAGES, points[:-1], points[1:], strict=True)}
+    out["post"] = end - diffuse[-1]
+    out["total"] = end - marks[0][3]
+    return out
+
+
+def stage_runs(args: argparse.Namespace) -> dict[str, Any]:
+    """The stages part (run in a child process): timed end-to-end runs per post path."""
+    import statistics
+
+    import numpy as np
+    from bench_pipeline import bench_image
+    from sklearn.metrics import adjusted_rand_score
+
+    from napari_diffcut.large.dispatch import DiffCutEngine, iter_segment
+
+    dtype = "float32" if args.device == "cpu" else "auto"  # as bench_pipeline.py
+    image = bench_image(args.image)
+    engine = DiffCutEngine()
+    record: dict[str, Any] = {
+        "device": args.device,
+        "dtype": dtype,
+        "image_shape": list(image.shape),
+        "working_size": args.working_size,
+        "load_avg": [load_average()],
+        "posts": {},
+    }
+    segs = {}
+    for post in args.post.split(","):
+        settings = {
+            "model": args.model,
+            "device": args.device,
+            "dtype": dtype,
+            "power": 1,
+            "post": post,
+            "working_size": args.working_size,
+        }
+
+        def timed(img: Any, settings: dict[str, Any] = settings) -> tuple[dict[str, float], Any]:
+            marks: list[tuple[str, int, int, float]] = []
+            gen = iter_segment(img, engine=engine, **settings)
+            while True:
+                try:
+                    e = next(gen)
+                except StopIteration as stop:
+                    return stage_seconds(marks, time.perf_counter()), stop.value
+                marks.append((e.stage, e.step, e.total, time.perf_counter()))
+
+        timed(image[::4, ::4])  # warm-up: kernels, thread pools, lazy imports
+        runs, seg = [], None
+        for _ in range(1 if args.quick else 3):
+            stages, seg = timed(image)
+            runs.append(stages)
+        segs[post] = seg
+        record["posts"][post] = {
+            "stages": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
+            "runs": runs,
+            "post_device": seg.settings["post_device"],
+            "grid": seg.settings["grid"],
+            "segments": int(np.unique(seg.labels).size),
+            "tree_nodes": int(seg.hierarchy.arrays.n_nodes),
+        }
+    record["load_avg"].append(load_average())
+    if len(segs) == 2:
+        a, b = (s.hierarchy.arrays for s in segs.values())
+        (sa, sb) = segs.values()
+        same = a.n_nodes == b.n_nodes
+        kept = (a.cost < 1) | (b.cost < 1) if same else None
+        record["agreement"] = {
+            "leaf_ari": float(adjusted_rand_score(a.leaf_of_patch, b.leaf_of_patch)),
+            "labels_ari": float(adjusted_rand_score(sa.labels.ravel(), sb.labels.ravel())),
+            "max_cost_diff": float(np.max(np.abs(a.cost - b.cost)[kept], initial=0.0))
+            if same
+            else None,
+        }
+    return record
+
+
+def run_stage_part(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`stage_runs` in a child process (its own memory); its record or why it is missing."""
+    if not os.path.isdir(os.path.join(args.model, "unet")):
+        return {"skipped": f"no diffusers model at {args.model} (pass --model DIR)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "stages.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--stages-child", out]
+        cmd += ["--model", args.model, "--device", args.device, "--post", args.post]
+        if args.working_size:
+            cmd += ["--working-size", str(args.working_size)]
+        if args.quick:
+            cmd.append("--quick")
+        if args.image:
+            cmd += ["--image", args.image]
+        print(f"[stages part] {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = (proc.stderr or proc.stdout)[-2000:]
+            return {"error": f"stages child exited with {proc.returncode}", "log": tail}
+        with open(out, encoding="utf-8") as fh:
+            return json.load(fh)
+
+
+def stage_report(st: dict[str, Any]) -> list[str]:
+    """The printed stages table: a column per post path, their ratio when there are two."""
+    if "posts" not in st:
+        why = st.get("skipped") or st.get("error")
+        return ["", f"Stages part not run: {why}", st.get("log", "")]
+    posts = list(st["posts"])
+    header = ["stage", *(f"{p} ({st['posts'][p]['post_device']})" for p in posts)]
+    if len(posts) == 2:
+        header.append(f"{posts[1]} / {posts[0]}")
+    rows = []
+    for key in (*STAGES, "post", "total"):
+        vals = [st["posts"][p]["stages"][key] for p in posts]
+        ratio = [vals[1] / vals[0] if vals[0] > 0 else None] if len(posts) == 2 else []
+        rows.append([key, *vals, *ratio])
+    pad = [""] if len(posts) == 2 else []
+    for key in ("segments", "tree_nodes"):
+        rows.append([key, *(st["posts"][p][key] for p in posts), *pad])
+    grid = st["posts"][posts[0]]["grid"]
+    n = len(st["posts"][posts[0]]["runs"])
+    out = [
+        "",
+        f"## Stages of one end-to-end run, seconds ({st['device']}, {st['dtype']}, image "
+        f"{st['image_shape']}, {grid[0]}x{grid[1]} patch grid; median of {n} run(s))",
+        table(rows, header),
+    ]
+    if "agreement" in st:
+        ag = st["agreement"]
+        out.append(
+            f"Agreement: leaf partition ARI {fmt(ag['leaf_ari'])}, labels ARI "
+            f"{fmt(ag['labels_ari'])}, max |cost difference| of accepted splits "
+            f"{fmt(ag['max_cost_diff'])}"
+        )
+    return out
 
 
 def summary(model: dict[str, Any], cut: dict[str, Any]) -> dict[str, Any]:
@@ -243,10 +425,13 @@ def report(result: dict[str, Any]) -> str:
         out += ["", f"Model part not run: {model.get('skipped') or model.get('error')}"]
         if model.get("log"):
             out.append(model["log"])
+    if result.get("stages"):
+        out += stage_report(result["stages"])
     loads = [
         ("model", model.get("load_avg_e2e")),
         ("capture", model.get("capture", {}).get("load_avg")),
         ("cut", cut.get("load_avg")),
+        ("stages", (result.get("stages") or {}).get("load_avg")),
     ]
     cores = result["machine"]["cores"] or 1
     busy = [f"{name} {a:.1f}->{b:.1f}" for name, pair in loads if pair for a, b in [pair]]
@@ -280,7 +465,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-model", action="store_true", help="cut part only")
     parser.add_argument("--timeout", type=int, default=1800, help="model part limit, seconds")
+    parser.add_argument(
+        "--post",
+        default=None,
+        help="stages part: post-model path(s), auto, numpy, torch or a comma list such as "
+        "numpy,torch (default auto; the part runs with --device cuda, --post or --stages-only)",
+    )
+    parser.add_argument("--stages-only", action="store_true", help="the stages part alone")
+    parser.add_argument(
+        "--working-size",
+        type=int,
+        default=None,
+        help="stages part: working size in pixels (default the model's; a tiny test model "
+        "at 512 gets SD 1.5's 64x64 grid)",
+    )
+    parser.add_argument("--stages-child", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    bad = [p for p in (args.post or "auto").split(",") if p not in POSTS]
+    if bad:
+        parser.error(f"--post takes {', '.join(POSTS)} or a comma list of them, got {bad}")
+    with_stages = args.stages_only or args.post is not None or args.device.startswith("cuda")
+    args.post = args.post or "auto"
+    if args.stages_child:
+        with open(args.stages_child, "w", encoding="utf-8") as fh:
+            json.dump(stage_runs(args), fh, indent=1)
+        return 0
     started = time.perf_counter()
     result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -289,11 +498,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "load_avg_start": load_average(),
     }
-    model = {"skipped": "--skip-model"} if args.skip_model else run_model_part(args)
-    cut = run_cut_part(args)
-    result.update(model=model, cut=cut, summary=summary(model, cut))
+    if args.stages_only:
+        model, cut = {"skipped": "--stages-only"}, {"skipped": "--stages-only"}
+    else:
+        model = {"skipped": "--skip-model"} if args.skip_model else run_model_part(args)
+        cut = run_cut_part(args)
+    stages = run_stage_part(args) if with_stages else None
+    result.update(model=model, cut=cut, stages=stages, summary=summary(model, cut))
     result.update(result["summary"]["values"])
-    result["ari_ours"], result["ari_dense"] = cut["ari_ours"], cut["ari_dense"]
+    result["ari_ours"], result["ari_dense"] = cut.get("ari_ours"), cut.get("ari_dense")
     result["wall_s"] = time.perf_counter() - started
     print()
     print(

@@ -128,3 +128,15 @@ def test_build_affinity_checks_its_input(rng: np.random.Generator) -> None:
         build_affinity_torch(p * 2)
     with pytest.raises(ValueError, match="square"):
         build_affinity_torch(p[:, :10])
+
+
+def test_aggregation_onto_an_uncaptured_fine_grid(rng: np.random.Generator) -> None:
+    # A zero weight on the latent grid leaves it uncaptured; the graph stays on it (engine).
+    per_res = {(8, 6): _softmax_rows(rng, 48), (4, 3): _softmax_rows(rng, 12)}
+    weights = {(16, 12): 0.0, (8, 6): 0.7, (4, 3): 0.3}
+    ref = aggregate_attention(per_res, weights, fine_grid=(16, 12))
+    out = aggregate_attention_torch(per_res, weights, fine_grid=(16, 12))
+    assert out.shape == (192, 192)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="no attention was captured"):
+        aggregate_attention_torch(per_res, {(16, 12): 1.0}, fine_grid=(16, 12))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import napari
 import numpy as np
@@ -85,7 +86,7 @@ def test_save_an_instance_layer_as_csv_from_its_current_data(
 
     data, meta, _ = inst.as_layer_data_tuple()
     written = write_table_csv(str(tmp_path / "counts"), data, meta)
-    rows = list(csv.DictReader(open(written[0])))
+    rows = list(csv.DictReader(Path(written[0]).read_text().splitlines()))
     assert written[0].endswith("counts.csv")
     assert len(rows) == inst.metadata[INSTANCES_KEY]["count"]
     assert list(rows[0]) == ["label", "segment", "area", "centroid_y", "centroid_x"]
@@ -94,5 +95,6 @@ def test_save_an_instance_layer_as_csv_from_its_current_data(
     assert int(by_label[first]["segment"]) == int(inst.features["segment"][0])
     # A result layer saves its per-label table with the tree columns.
     data, meta, _ = main.as_layer_data_tuple()
-    rows = list(csv.DictReader(open(write_table_csv(str(tmp_path / "main.csv"), data, meta)[0])))
+    saved = Path(write_table_csv(str(tmp_path / "main.csv"), data, meta)[0])
+    rows = list(csv.DictReader(saved.read_text().splitlines()))
     assert "ncut_cost" in rows[0] and len(rows) == len(np.unique(np.asarray(main.data)))

@@ -217,6 +217,34 @@ def test_pixels_backbone_on_sample(docked: tuple[Any, DiffCutWidget], qtbot: Any
     assert "segments" in widget.result_label.value
 
 
+def test_refine_switch_and_instance_count_on_the_nuclei_sample(
+    docked: tuple[Any, DiffCutWidget], qtbot: Any
+) -> None:
+    from napari_diffcut.plugin.instances import INSTANCES_KEY, instances_layer_name
+
+    viewer, widget = docked
+    [image] = viewer.open_sample("napari-diffcut", "nuclei")
+    widget.backbone_combo.value = "pixels"
+    assert widget.refine_check.value is True and widget.instances_check.value is False
+    widget.refine_check.value = False
+    widget.instances_check.value = True
+    widget.instance_min_spin.value = 20
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    main = viewer.layers[f"{image.name} diffcut"]
+    assert main.metadata[LAYER_KEY]["settings"]["refined"] is False
+    inst = viewer.layers[instances_layer_name(image.name)]
+    entry = inst.metadata[INSTANCES_KEY]
+    assert entry["min_size"] == 20 and entry["count"] == len(inst.features) > 0
+    assert f"{entry['count']} instances" in widget.status_label.value
+    # Run on a stack with instances: refused before anything runs.
+    viewer.add_image(np.zeros((2, 64, 64), np.uint16), name="zstack")
+    widget.image_combo.value = viewer.layers["zstack"]
+    widget.run_on_combo.value = "stack"
+    widget.run_button.clicked()
+    assert not widget.running and "zstack diffcut" not in viewer.layers
+
+
 def test_closing_the_widget_stops_click_edits(
     docked: tuple[Any, DiffCutWidget], qtbot: Any
 ) -> None:

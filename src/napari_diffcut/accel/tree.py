@@ -24,9 +24,10 @@ import torch
 from numpy.typing import NDArray
 
 from napari_diffcut.accel.ncut import BlockBatch, fiedler_vectors, gather_blocks, sweep_cuts
+from napari_diffcut.accel.null import null_affinity_torch, offset_kernel_torch
 from napari_diffcut.core.errors import check_int, check_threshold
 from napari_diffcut.core.hierarchy import NULL_RATIO, STRUCTURELESS_COST, Hierarchy, TreeArrays
-from napari_diffcut.core.null import NullModel, null_model
+from napari_diffcut.core.null import NullModel
 
 #: Degrees at or below this are isolated nodes (as in core.hierarchy._split_subgraph).
 ISOLATED = 1e-300
@@ -170,9 +171,10 @@ def iter_ncut_tree_torch(
 
     With ``grid_shape``, the splits the automatic cut reaches also record
     their null cost, as the numpy path does (:mod:`napari_diffcut.core.null`):
-    the null model's kernel and its FFT cut costs are computed by the numpy
-    core on the host, the extra split of each reached node on the null graph
-    in the same batched solver, one batch per depth.
+    the null model's kernel and dense graph are built on the graph's device
+    (:func:`device_null`), the FFT cut costs of the reached splits on the host
+    from the small kernel, the extra split of each reached node on the null
+    graph in the same batched solver, one batch per depth.
 
     Yields
     ------
@@ -190,8 +192,7 @@ def iter_ncut_tree_torch(
     members: dict[int, NDArray[np.int64]] = {0: np.arange(n)}
     leaf_of_patch = np.zeros(n, np.int64)
     bound = max(1, min(2**max_depth - 1, n // max(min_size, 1)))
-    null = None if grid_shape is None else null_model(w.cpu().numpy(), grid_shape)
-    null_w = None if null is None else torch.from_numpy(null.dense).to(w.device)
+    null, null_w = (None, None) if grid_shape is None else device_null(w, grid_shape)
     null_cost = [float("nan")]
     auto_ok: dict[int, bool] = {}
     done = 0
@@ -241,6 +242,16 @@ def iter_ncut_tree_torch(
     return TreeArrays.from_lists(
         parent, cost, size, depth, leaf_of_patch, null_cost if null is not None else None
     )
+
+
+def device_null(w: torch.Tensor, grid_shape: tuple[int, int]) -> tuple[NullModel, torch.Tensor]:
+    """The locality null of ``w``: its host model (FFT cut costs) and dense W0 on w's device.
+
+    Kernel and W0 are built where ``w`` is (:mod:`napari_diffcut.accel.null`);
+    only the (2h - 1) x (2w - 1) kernel goes to the host.
+    """
+    kernel = offset_kernel_torch(w, grid_shape)
+    return NullModel(kernel.cpu().numpy(), grid_shape), null_affinity_torch(kernel, grid_shape)
 
 
 def _null_costs(

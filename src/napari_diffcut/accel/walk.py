@@ -60,6 +60,7 @@ def aggregate_attention_torch(
     per_resolution: Mapping[tuple[int, int], torch.Tensor | NDArray[np.float32]],
     weights: Mapping[tuple[int, int], float] | None = None,
     *,
+    fine_grid: tuple[int, int] | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Combine per-resolution attention into one row-stochastic matrix P (torch).
@@ -73,7 +74,11 @@ def aggregate_attention_torch(
     per_resolution : mapping of (h, w) to tensor or ndarray (h*w, h*w)
         Head- and layer-averaged attention per grid.
     weights : mapping of (h, w) to float, optional
-        Non-negative weights; default proportional to the grid side.
+        Non-negative weights; default proportional to the grid side. A positive
+        weight on a grid that ``per_resolution`` lacks is an error.
+    fine_grid : (H, W), optional
+        Grid to lift onto (the engine's patch grid, which a zero weight may
+        leave uncaptured); default the finest grid in ``per_resolution``.
     device : torch device, optional
         Where to compute; default the device of the finest grid's tensor.
 
@@ -85,14 +90,20 @@ def aggregate_attention_torch(
     if not per_resolution:
         raise ValueError("per_resolution is empty: no self-attention was captured")
     grids = sorted(per_resolution, key=lambda g: g[0] * g[1], reverse=True)
-    fine = grids[0]
-    first = per_resolution[fine]
+    fine = (int(fine_grid[0]), int(fine_grid[1])) if fine_grid is not None else grids[0]
+    first = per_resolution[grids[0]]
     dev = (
         torch.device(device)
         if device is not None
         else (first.device if isinstance(first, torch.Tensor) else torch.device("cpu"))
     )
     weights = dict(weights) if weights else default_weights(grids)
+    absent = sorted(g for g, v in weights.items() if v > 0 and g not in per_resolution)
+    if absent:
+        raise ValueError(
+            f"resolution weights name grid(s) {absent} where no attention was captured; "
+            f"captured grids: {grids}"
+        )
     used = {g: float(weights.get(g, 0.0)) for g in grids}
     if any(v < 0 for v in used.values()) or sum(used.values()) <= 0:
         raise ValueError(f"resolution weights must be >= 0 with a positive sum, got {used}")

@@ -24,6 +24,9 @@ from napari_diffcut.attention.model import LoadedModel
 
 INVERSION_GRID = 50
 
+#: Captured attention per (h, w) grid: numpy on the host, or tensors left on the device.
+PerGrid = dict[tuple[int, int], NDArray[np.float32]] | dict[tuple[int, int], torch.Tensor]
+
 
 @torch.no_grad()
 def encode(model: LoadedModel, rgb: NDArray[np.float32]) -> torch.Tensor:
@@ -56,8 +59,13 @@ def iter_attention(
     seed: int = 0,
     factors: set[int] | None = None,
     on_layer: Callable[[], None] | None = None,
-) -> Generator[tuple[int, int], None, dict[tuple[int, int], NDArray[np.float32]]]:
+    keep_on_device: bool = False,
+) -> Generator[tuple[int, int], None, PerGrid]:
     """Run the UNet and capture self-attention; yield after each UNet call.
+
+    ``keep_on_device`` returns float32 tensors on the model's device instead
+    of numpy arrays: the torch post-model path (:mod:`napari_diffcut.accel`)
+    goes on there, and the N x N matrices never cross to the host.
 
     Yields
     ------
@@ -65,7 +73,7 @@ def iter_attention(
 
     Returns
     -------
-    dict of (h, w) -> ndarray (h*w, h*w), float32
+    dict of (h, w) -> ndarray or torch.Tensor (h*w, h*w), float32
         Head-, layer- and step-averaged attention per grid.
     """
     sink = AttentionSink(tuple(latents.shape[-2:]), factors=factors, on_layer=on_layer)
@@ -81,6 +89,7 @@ def iter_attention(
         t = torch.tensor([timestep], device=model.device)
         with capture_self_attention(unet, sink):
             unet(x, t, **cond)
+        _settle(latents.device, keep_on_device)
         yield 1, 1
     elif mode == "inversion":
         ts = inversion_timesteps(model, steps)
@@ -92,10 +101,24 @@ def iter_attention(
                 ).sample.double()
                 if i + 1 < len(ts):
                     x = _ddim_invert_step(model, x, out, t, ts[i + 1])
+                _settle(latents.device, keep_on_device)
                 yield i + 1, len(ts)
     else:
         raise ValueError(f"mode must be 'fast' or 'inversion', got {mode!r}")
+    if keep_on_device:
+        return {g: a.float() for g, a in sink.means().items()}
     return {g: a.float().cpu().numpy() for g, a in sink.means().items()}
+
+
+def _settle(device: torch.device, keep_on_device: bool) -> None:
+    """Wait for the queued CUDA kernels of a UNet call before reporting it done.
+
+    Only for the torch post path: its attention never goes through ``.cpu()``
+    (which waits), so without this the UNet's tail would be timed as the
+    aggregation after it (benchmarks/run.py times stages by their events).
+    """
+    if keep_on_device and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def split_prediction(

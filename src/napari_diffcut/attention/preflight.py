@@ -22,12 +22,14 @@ by the engine before it loads a model
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -330,3 +332,24 @@ def probe_address(endpoint: str) -> tuple[str, int]:
         url = urlsplit("http://" + (proxy or endpoint))
     default = 443 if url.scheme == "https" else 80
     return url.hostname or "huggingface.co", url.port or default
+
+
+@contextlib.contextmanager
+def hub_offline_if(offline: bool) -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` while the model loads, when the hub cannot be reached.
+
+    The model is in the cache (the preflight found it) but the hub is not
+    reachable: the loader then reads the cache only (it reads this variable)
+    instead of letting huggingface_hub retry the network. Restored afterwards.
+    """
+    before = os.environ.get("HF_HUB_OFFLINE")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if offline:
+            if before is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = before

@@ -21,8 +21,6 @@ written by :func:`write_outputs` alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,7 +242,7 @@ def write_outputs(
 
 def segment_images(args: argparse.Namespace) -> int:
     """Run ``segment``: check everything first, then one image after the other."""
-    from napari_diffcut.attention.preflight import check_model
+    from napari_diffcut.attention.preflight import check_model, hub_offline_if
 
     images = collect_inputs(args.image, args.sample or [])
     mode, out = out_mode(args.out, len(images))
@@ -261,36 +259,13 @@ def segment_images(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     engine = DiffCutEngine()
-    with hub_offline_if(offline):
+    with hub_offline_if(offline):  # the preflight found it cached, the hub unreachable
         if settings.backbone == "diffusion":
             engine.model_for(settings)  # once, before the first image: a failure stops here
     for index, (image, plan) in enumerate(zip(images, plans, strict=True), start=1):
         line = segment_one(image, plan, settings, engine, args)
         print(f"[{index}/{len(images)}] {line}", flush=True)
     return 0
-
-
-@contextlib.contextmanager
-def hub_offline_if(offline: bool) -> Iterator[None]:
-    """``HF_HUB_OFFLINE=1`` while the model loads, when the hub cannot be reached.
-
-    The model is in the cache (the preflight found it) but the hub is not
-    reachable: the loader then reads the cache only (it reads this variable)
-    instead of letting huggingface_hub retry the network. Restored afterwards.
-    """
-    import os
-
-    before = os.environ.get("HF_HUB_OFFLINE")
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if offline:
-            if before is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = before
 
 
 def segment_one(image: ImageInput, plan: Any, settings: Any, engine: Any, args: Any) -> str:

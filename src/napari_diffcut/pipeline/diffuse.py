@@ -28,12 +28,15 @@ def diffuse_stage(
     engine: ModelCache,
     record: dict[str, Any],
     image_shape: tuple[int, int] | None = None,
-) -> Generator[Progress, None, tuple[tuple[int, int], NDArray[np.float32]]]:
+    post_device: Any = None,
+) -> Generator[Progress, None, tuple[tuple[int, int], Any]]:
     """Load the model, encode, run the UNet with capture, aggregate attention.
 
     ``image_shape`` is the label image's size when ``rgb`` was shrunk already
     (it sets the latent grid's aspect); ``s.working_size`` overrides the
-    checkpoint's native working size.
+    checkpoint's native working size. Returns the patch grid and P: a float32
+    ndarray, or with a torch ``post_device`` a float32 tensor there (the
+    attention stays on the model's device and is aggregated in torch).
     """
     yield Progress("load", 0, 1, f"loading {s.model}")
     model = engine.model_for(s)
@@ -61,9 +64,16 @@ def diffuse_stage(
     work = resize(rgb, tuple(record["working_size"]))
     latents = encode(model, work)
     factors = {f for f, w in factor_weights.items() if w > 0}
-    per_res = yield from _attention_in_thread(model, latents, s, factors)
+    torch_post = post_device is not None
+    per_res = yield from _attention_in_thread(model, latents, s, factors, torch_post)
     weights = {(latent_hw[0] // f, latent_hw[1] // f): w for f, w in factor_weights.items()}
     record["attention_grids"] = [list(g) for g in sorted(per_res, reverse=True)]
+    if torch_post:
+        from napari_diffcut.accel.walk import aggregate_attention_torch
+
+        return grid, aggregate_attention_torch(
+            per_res, weights, fine_grid=grid, device=post_device
+        )
     return grid, aggregate_attention(per_res, weights, fine_grid=grid)
 
 
@@ -72,8 +82,8 @@ class _Cancelled(Exception):  # noqa: N818 - a private control-flow signal
 
 
 def _attention_in_thread(
-    model: Any, latents: Any, s: Settings, factors: set[int] | None
-) -> Generator[Progress, None, dict[tuple[int, int], NDArray[np.float32]]]:
+    model: Any, latents: Any, s: Settings, factors: set[int] | None, keep_on_device: bool = False
+) -> Generator[Progress, None, dict[tuple[int, int], Any]]:
     """Run the UNet in a helper thread so that progress can be yielded per layer.
 
     The helper reports each captured layer through a queue; when the generator
@@ -99,6 +109,7 @@ def _attention_in_thread(
             gen = iter_attention(
                 model, latents, mode=s.mode, timestep=s.timestep, steps=s.steps,
                 noise=s.noise, seed=s.seed, factors=factors, on_layer=on_layer,
+                keep_on_device=keep_on_device,
             )
             while True:
                 try:

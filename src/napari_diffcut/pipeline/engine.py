@@ -31,7 +31,7 @@ class ModelCache:
         s = settings
         key = (s.model, s.device, s.dtype, s.revision, s.allow_pickle)
         if self._key != key:
-            from napari_diffcut.attention.preflight import check_model
+            from napari_diffcut.attention.preflight import check_model, hub_offline_if
 
             # A missing folder or an uncached model with no network fails here at
             # once, before torch and diffusers are imported (tens of seconds on a
@@ -41,18 +41,18 @@ class ModelCache:
             # A truncated .safetensors or an absurd UNet config is named before the
             # layout check would misread it as "only pickled weights" (issue 12.7).
             check_model_files(s.model)
-            check_model(s.model, revision=s.revision, allow_pickle=s.allow_pickle)
+            found = check_model(s.model, revision=s.revision, allow_pickle=s.allow_pickle)
             from napari_diffcut.attention.model import load_model
 
             self.unload()
             try:
-                self._model = load_model(
-                    settings.model,
-                    device=settings.device,
-                    dtype=settings.dtype,
-                    revision=settings.revision,
-                    allow_pickle=settings.allow_pickle,
-                )
+                # Cached but the hub unreachable: read the cache only, no hub retries
+                # (the API and the widget, like the command line).
+                with hub_offline_if(found.offline):
+                    self._model = load_model(
+                        s.model, device=s.device, dtype=s.dtype, revision=s.revision,
+                        allow_pickle=s.allow_pickle,
+                    )
             except Exception as exc:
                 # A file that cannot be unpickled safely is one line, not a traceback.
                 err = load_error(s.model, exc)

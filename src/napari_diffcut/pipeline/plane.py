@@ -15,14 +15,20 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_diffcut.core.budget import require_graph_fits
-from napari_diffcut.core.hierarchy import Hierarchy, iter_ncut_tree
+from napari_diffcut.core.hierarchy import iter_ncut_tree
 from napari_diffcut.core.image import latent_grid, resize, to_rgb
 from napari_diffcut.core.upsample import soft_upsample
 from napari_diffcut.core.walk import build_affinity
+from napari_diffcut.pipeline.accel_plane import choose_post, post_torch
 from napari_diffcut.pipeline.diffuse import diffuse_stage
 from napari_diffcut.pipeline.engine import ModelCache
 from napari_diffcut.pipeline.segmentation import (
     Segmentation,
+    finish_labels,
+    hierarchy_stage,
+    lazy_result,
+    leaf_maps,
+    upsample_chunk,
 )
 from napari_diffcut.pipeline.settings import (
     PIXELS_NATIVE_LATENT,
@@ -86,6 +92,7 @@ def segment_rgb(
     (tiles); ``lazy=True`` forces it.
     """
     out_hw = (int((out_shape or rgb.shape)[0]), int((out_shape or rgb.shape)[1]))
+    post = choose_post(s, record)  # None: numpy core; else torch on that device (accel_plane)
     if s.backbone == "pixels":
         from napari_diffcut.core.pixels import pixel_transition
 
@@ -98,46 +105,27 @@ def segment_rgb(
         transition = pixel_transition(work, grid)
     else:
         grid, transition = yield from diffuse_stage(
-            rgb, s, engine, record, image_shape=out_hw
+            rgb, s, engine, record, image_shape=out_hw, post_device=post
         )
     record["grid"] = list(grid)
+    if post is not None:
+        return (yield from post_torch(transition, grid, rgb, s, post, record=record,
+                                      out_hw=out_hw, lazy=lazy, budget=budget_bytes(s)))
     yield Progress("walk", 1, 1, f"power {s.power}, {s.graph} graph")
     affinity, walk = build_affinity(transition, power=s.power, graph=s.graph, dtype=np.float32)
     del transition
     tree = yield from cut_stage(affinity, s, grid)
     del affinity
-    hierarchy = Hierarchy(tree, grid, s.threshold)
-    yield Progress("upsample", 0, 1, f"labels at {out_hw[0]}x{out_hw[1]}")
-    record["auto_threshold"] = hierarchy.auto_threshold
-    record["tree_nodes"] = tree.n_nodes
+    hierarchy = yield from hierarchy_stage(tree, grid, s, record, out_hw)
     if lazy is None:
         lazy = out_hw[0] * out_hw[1] * 8 > budget_bytes(s)
     if lazy:
-        from napari_diffcut.pipeline.segmentation import (
-            LazySegmentation,
-            lazy_pixel_leaf,
-            leaf_maps,
-        )
-
         maps, uniq = leaf_maps(walk, tree.leaf_of_patch, grid)
         del walk
-        record["lazy_labels"] = True
-        yield Progress("upsample", 1, 1, "done (labels computed lazily, block by block)")
-        return LazySegmentation(hierarchy, lazy_pixel_leaf(maps, uniq, out_hw), record)
-    # Transient upsampling buffers (leaves x rows x width floats, a few of
-    # them) follow the memory budget, up to soft_upsample's own cap.
-    chunk = int(min(1 << 24, max(1 << 16, budget_bytes(s) // 32)))
+        return (yield from lazy_result(hierarchy, maps, uniq, out_hw, record))
+    chunk = upsample_chunk(budget_bytes(s))
     pixel_leaf = soft_upsample(walk, tree.leaf_of_patch, grid, out_hw, max_elements=chunk)
-    if s.refine:
-        # PAMR on the leaves once (core.refine): every threshold and level stays a lookup.
-        from napari_diffcut.core.refine import refine_leaf_labels
-
-        yield Progress("upsample", 1, 2, "refining edges against the image")
-        guide = rgb if rgb.shape[:2] == out_hw else resize(rgb, out_hw)
-        pixel_leaf = refine_leaf_labels(guide, pixel_leaf)
-    record["refined"] = bool(s.refine)
-    yield Progress("upsample", 1, 1, "done")
-    return Segmentation(hierarchy, pixel_leaf.astype(np.int32), record)
+    return (yield from finish_labels(hierarchy, pixel_leaf, rgb, s, record))
 
 
 def relay(
@@ -167,6 +155,7 @@ def cut_stage(
     With the patch ``grid``, each node also gets its cost under the graph's own
     locality null (core.null), which ``threshold="auto"`` compares against.
     """
+    yield Progress("cut", 0, 1, "NCut tree")  # marks the tree's start (benchmarks/run.py)
     gen = iter_ncut_tree(
         affinity, min_size=s.min_size, max_depth=s.max_depth, seed=s.seed, grid_shape=grid
     )

@@ -9,6 +9,7 @@ arrays computed block by block from the small per-leaf attention maps
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from numpy.typing import NDArray
 from napari_diffcut.core.hierarchy import Hierarchy, Node
 from napari_diffcut.core.instances import Instances
 from napari_diffcut.core.upsample import region_maps
+from napari_diffcut.pipeline.settings import Progress
 
 #: Side of the dask blocks of lazy label images.
 LAZY_CHUNK = 2048
@@ -267,3 +269,61 @@ class LazySegmentation(Segmentation):
             f"LazySegmentation(shape={self.shape}, segments={n}, levels="
             f"{self.hierarchy.n_levels()}, threshold={self.threshold:.3g})"
         )
+
+
+def upsample_chunk(budget: int) -> int:
+    """Elements of the transient upsampling buffers (leaves x rows x width floats).
+
+    They follow the memory budget (bytes), up to soft_upsample's own cap; the
+    numpy and the torch path use the same rule, so both take the same memory.
+    """
+    return int(min(1 << 24, max(1 << 16, budget // 32)))
+
+
+def hierarchy_stage(
+    tree: Any, grid: tuple[int, int], s: Any, record: dict[str, Any], out_hw: tuple[int, int]
+) -> Generator[Progress, None, Hierarchy]:
+    """The tree as a :class:`Hierarchy` at the run's threshold, noted in the record."""
+    hierarchy = Hierarchy(tree, grid, s.threshold)
+    yield Progress("upsample", 0, 1, f"labels at {out_hw[0]}x{out_hw[1]}")
+    record["auto_threshold"] = hierarchy.auto_threshold
+    record["tree_nodes"] = tree.n_nodes
+    return hierarchy
+
+
+def lazy_result(
+    hierarchy: Hierarchy,
+    maps: NDArray[np.float32],
+    uniq: NDArray[np.int64],
+    out_hw: tuple[int, int],
+    record: dict[str, Any],
+) -> Generator[Progress, None, LazySegmentation]:
+    """A :class:`LazySegmentation` from the per-leaf maps (labels beyond the budget)."""
+    record["lazy_labels"] = True
+    # PAMR needs the full-resolution image beside the labels; lazy labels are
+    # beyond the memory budget by definition, so they keep the soft-upsampled edges.
+    record["refined"] = False
+    yield Progress("upsample", 1, 1, "done (labels computed lazily, block by block)")
+    return LazySegmentation(hierarchy, lazy_pixel_leaf(maps, uniq, out_hw), record)
+
+
+def finish_labels(
+    hierarchy: Hierarchy,
+    pixel_leaf: NDArray[np.integer],
+    rgb: NDArray[np.float32],
+    s: Any,
+    record: dict[str, Any],
+) -> Generator[Progress, None, Segmentation]:
+    """Refine the leaves' edges when ``s.refine`` and wrap up the :class:`Segmentation`."""
+    if s.refine:
+        # PAMR on the leaves once (core.refine): every threshold and level stays a lookup.
+        from napari_diffcut.core.image import resize
+        from napari_diffcut.core.refine import refine_leaf_labels
+
+        yield Progress("upsample", 1, 2, "refining edges against the image")
+        out_hw = (int(pixel_leaf.shape[0]), int(pixel_leaf.shape[1]))
+        guide = rgb if rgb.shape[:2] == out_hw else resize(rgb, out_hw)
+        pixel_leaf = refine_leaf_labels(guide, pixel_leaf)
+    record["refined"] = bool(s.refine)
+    yield Progress("upsample", 1, 1, "done")
+    return Segmentation(hierarchy, np.asarray(pixel_leaf).astype(np.int32), record)

@@ -1,31 +1,42 @@
 """The run part of the DiffCut dock widget: Run / Cancel, the worker, progress.
 
 A run is ``engine.iter_segment`` (a generator of ``Progress`` events) on a
-napari ``GeneratorWorker``; the result's layer-data tuples are built on the
-worker too (:func:`run_segmentation`), so the GUI thread only adds layers.
-Issue 13, point 2, keeps the event loop free during a run:
+napari ``GeneratorWorker``; the result's layer-data tuples, features tables
+included, are built on the worker too (:func:`run_segmentation`), so the GUI
+thread only adds layers. Issue 13, point 2, keeps the event loop free during
+a run (what froze it was measured: ``benchmarks/bench_gui.py``):
 
 * progress events are coalesced: the slot only notes the latest one and a
-  timer shows it at most every :data:`PROGRESS_MS` ms (each Qt call of a slot
-  waits for the worker's GIL turn, so one repaint per event froze the GUI);
+  timer shows it at most every :data:`PROGRESS_MS` ms, the bar without its
+  synchronous repaint (:meth:`RunPanel._set_bar`);
 * layers are added one per turn of the event loop (:func:`iter_apply_plan`);
-* the run's memory is freed (``gc.collect``) in the worker thread, not in a slot;
+* while a run is active the interpreter hands the GIL over more often and the
+  objects older than the run are frozen for the garbage collector
+  (:func:`responsive_interpreter`): one full ``gc.collect`` at the end of a
+  run held the GIL for 0.2-0.8 s, whatever thread ran it;
 * Cancel stops at the next step; while the model loads, the wait for it ends
   at once (:class:`~napari_diffcut.plugin.loading.BackgroundLoadEngine`).
 
 Cancel calls ``worker.quit()``: the worker stops before the next step and
 closes the generator *in the worker thread* (which stops the UNet within one
-attention layer), so no layer is added and the run's arrays are freed.
+attention layer), so no layer is added and the run's arrays are freed. A step
+that is one long NumPy call cannot be interrupted: after :data:`CANCEL_WAIT_MS`
+the panel is ready again and says that the step finishes in the background;
+a new run waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import sys
+import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from magicgui.widgets import Container, Label, ProgressBar, PushButton
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error
@@ -46,6 +57,51 @@ logger = logging.getLogger(__name__)
 OUTER_STAGES = ("plane", "tile")
 #: The progress display is refreshed at most this often (ms).
 PROGRESS_MS = 100
+#: After Cancel, how long (ms) the panel waits for the run to stop at its next step
+#: before it is ready again and lets that step finish in the background.
+CANCEL_WAIT_MS = 1000
+#: Thread switch interval (s) while a run is active. Each Python callback of an
+#: event-loop turn (napari's window event filter, magicgui signals, vispy) waits
+#: for the worker to hand over the GIL, up to this long; Python's default is 5 ms.
+RUN_SWITCH_INTERVAL_S = 0.001
+
+_tuning_lock = threading.Lock()
+_tuning: dict[str, Any] = {"active": 0, "interval": None, "froze": False}
+
+
+@contextlib.contextmanager
+def responsive_interpreter() -> Iterator[None]:
+    """Interpreter settings that keep the GUI thread free while a run is active.
+
+    Process-wide, so counted: the first active run sets them, the last one
+    restores them. A shorter switch interval bounds the GUI thread's wait for
+    the GIL; ``gc.freeze()`` takes every object older than the run out of the
+    collector's scans, so a collection during the run, and the one at its end
+    that frees the run's reference cycles (arrays held by tracebacks,
+    generator frames), scan the run's objects only: a full collection of a
+    napari session holds the GIL for 0.2-0.8 s, from any thread. Nothing
+    older than the run is lost: it is unfrozen when the last run ends and
+    collected as usual from then on. An application that froze objects
+    itself keeps its own freeze.
+    """
+    with _tuning_lock:
+        if _tuning["active"] == 0:
+            _tuning["interval"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(RUN_SWITCH_INTERVAL_S, _tuning["interval"]))
+            _tuning["froze"] = gc.get_freeze_count() == 0
+            if _tuning["froze"]:
+                gc.freeze()
+        _tuning["active"] += 1
+    try:
+        yield
+    finally:
+        gc.collect()  # the run's objects only (see above)
+        with _tuning_lock:
+            _tuning["active"] -= 1
+            if _tuning["active"] == 0:
+                if _tuning["froze"]:
+                    gc.unfreeze()
+                sys.setswitchinterval(_tuning["interval"])
 
 
 class RunFailedError(Exception):
@@ -80,9 +136,28 @@ def run_segmentation(
         )
         record_intensity(seg, taken.contrast_limits)
         yield Progress("layers", 0, 1, "building the result layers")
-        return RunOutput(seg, result_tuples(seg, taken))
+        return RunOutput(seg, with_tables(result_tuples(seg, taken)))
     except RuntimeError as exc:
         raise RunFailedError(exc) from exc
+
+
+def with_tables(tuples: list[LayerDataTuple]) -> list[LayerDataTuple]:
+    """The layer-data tuples with their ``features`` as pandas tables, built here.
+
+    napari turns a features dict into a ``DataFrame`` when it adds the layer,
+    and the first time that imports pandas: 0.6-0.7 s on the GUI thread
+    (measured, 2 cores). Called in the worker, so both happen there.
+    """
+    import pandas as pd  # napari's own dependency (its layers keep features as tables)
+
+    out = []
+    for data, kwargs, kind in tuples:
+        features = kwargs.get("features")
+        if isinstance(features, dict):
+            table = pd.DataFrame({key: np.asarray(v) for key, v in features.items()})
+            kwargs = {**kwargs, "features": table}
+        out.append((data, kwargs, kind))
+    return out
 
 
 class SegmentationWorker(GeneratorWorker):
@@ -90,8 +165,9 @@ class SegmentationWorker(GeneratorWorker):
 
     superqt's worker just stops iterating on ``quit()``; closing the generator
     here, in the worker thread, runs the engine's cleanup at once (it stops
-    the UNet thread and drops the run's arrays), and the garbage collection
-    that frees them runs here too, off the GUI thread. Errors are reported by
+    the UNet thread and drops the run's arrays); the whole run is inside
+    :func:`responsive_interpreter`, whose collection at the end frees the
+    run's reference cycles without scanning the rest. Errors are reported by
     the widget (one notification with the engine's message), not relayed
     with a traceback.
     """
@@ -100,12 +176,12 @@ class SegmentationWorker(GeneratorWorker):
         """No traceback notification: the widget shows the engine's message."""
 
     def work(self) -> Any:
-        """Run the generator; close it and collect garbage whatever happens."""
-        try:
-            return super().work()
-        finally:
-            self._gen.close()
-            gc.collect()
+        """Run the generator; close it and collect the run's garbage whatever happens."""
+        with responsive_interpreter():
+            try:
+                return super().work()
+            finally:
+                self._gen.close()
 
 
 def progress_view(
@@ -143,6 +219,8 @@ class RunPanel(Container):
         buttons = tight_row([self.run_button, self.cancel_button], "")
         self.extend([buttons, self.progress_bar, self.status_label])
         self.worker: SegmentationWorker | None = None
+        self._stopping: SegmentationWorker | None = None
+        self._deferred: tuple[SegmentationWorker, BackgroundLoadEngine] | None = None
         self._steps: Iterator[Any] | None = None
         self._disposed = False
         self._cancelled = False
@@ -162,6 +240,11 @@ class RunPanel(Container):
         """Whether a run is in progress (its layers not all added yet)."""
         return self.worker is not None or self._steps is not None
 
+    @property
+    def stopping(self) -> SegmentationWorker | None:
+        """A cancelled run's worker still finishing its current step, or None."""
+        return self._stopping
+
     def start(
         self,
         engine: BackgroundLoadEngine,
@@ -174,6 +257,8 @@ class RunPanel(Container):
 
         ``apply(output)`` yields once per layer it adds (advanced one step
         per event-loop turn); ``done(output, layers)`` returns the status.
+        While a cancelled run still finishes its current step, the new run
+        waits for it (the two would share the model), and says so.
         """
         worker = create_worker(
             run_segmentation,
@@ -184,34 +269,71 @@ class RunPanel(Container):
             _ignore_errors=True,
             _start_thread=False,
         )
-        engine.should_stop = lambda: worker.abort_requested
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda out: self._on_returned(out, apply, done))
-        worker.errored.connect(self._on_errored)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
+
+        def mine(slot: Callable[..., None]) -> Callable[..., None]:
+            # A let-go worker's late signals (see cancel) must not touch a newer run.
+            return lambda *args: slot(*args) if self.worker is worker else None
+
+        worker.yielded.connect(mine(self._on_progress))
+        worker.returned.connect(mine(lambda out: self._on_returned(out, apply, done)))
+        worker.errored.connect(mine(self._on_errored))
+        worker.aborted.connect(mine(self._on_aborted))
+        worker.finished.connect(lambda: self._on_finished(worker))
         self.worker = worker
         self._cancelled = self._succeeded = False
         self._outer, self._stage, self._pending = None, "", None
-        self._set_running(True, f"starting on {taken.source!r}")
-        worker.start()
+        if self._stopping is not None:
+            self._set_running(True, "starting once the cancelled run has stopped")
+            self._deferred = (worker, engine)
+        else:
+            self._set_running(True, f"starting on {taken.source!r}")
+            self._launch(worker, engine)
         return worker
 
+    def _launch(self, worker: SegmentationWorker, engine: BackgroundLoadEngine) -> None:
+        engine.should_stop = lambda: worker.abort_requested
+        worker.start()
+
     def cancel(self, _value: Any = None) -> None:
-        """Stop the run at its next step (at once while the model loads); nothing is added."""
-        if self.worker is None:
+        """Stop the run at its next step (at once while the model loads); nothing is added.
+
+        The panel is ready again when the run has stopped, or after
+        :data:`CANCEL_WAIT_MS` when its current step (one long NumPy call) is
+        still running: that step then finishes in the background, and its
+        result is dropped.
+        """
+        worker = self.worker
+        if worker is None:
             return
         self._cancelled = True
         self._timer.stop()
         self.status_label.value = "cancelling..."
         self.cancel_button.enabled = False
-        self.worker.quit()
+        worker.quit()
+        if self._deferred is not None and self._deferred[0] is worker:
+            self._deferred = None  # never started: nothing to wait for
+            self.worker = None
+            self._end("cancelled")
+            return
+        QTimer.singleShot(CANCEL_WAIT_MS, lambda: self._let_go(worker))
+
+    def _let_go(self, worker: SegmentationWorker) -> None:
+        """Ready again while a cancelled run's current step finishes in the background."""
+        if self._disposed or self.worker is not worker:
+            return  # stopped in time (or the widget is gone)
+        self.worker = None
+        self._stopping = worker
+        stage = f" ({self._stage})" if self._stage else ""
+        self._end(f"cancelled; the current step{stage} finishes in the background")
 
     def dispose(self) -> None:
         """Stop any run (the widget was closed)."""
         self._disposed = True
         self._timer.stop()
         self._steps = None
+        if self._deferred is not None:  # never started: nothing will finish it
+            self._deferred = None
+            self.worker = None
         if self.worker is not None:
             self.worker.quit()
 
@@ -220,8 +342,24 @@ class RunPanel(Container):
         self.cancel_button.enabled = running
         self.status_label.value = status
         if running:
-            self.progress_bar.max = 1
-            self.progress_bar.value = 0
+            self._set_bar(0, 1)
+
+    def _set_bar(self, value: int, maximum: int | None = None) -> None:
+        """Move the bar, repainted with the next coalesced update, not at once.
+
+        ``QProgressBar.setValue`` repaints synchronously, and in a window that
+        holds napari's GL canvas every repaint composes the whole window: about
+        30 ms of GUI-thread time per call under software GL (measured), twice
+        per progress refresh with the status line's own repaint.
+        """
+        native = self.progress_bar.native
+        native.setUpdatesEnabled(False)  # makes setValue's repaint() a no-op
+        try:
+            if maximum is not None:
+                self.progress_bar.max = maximum
+            self.progress_bar.value = value
+        finally:
+            native.setUpdatesEnabled(True)  # schedules the (coalesced) update
 
     # -- worker slots (GUI thread) -------------------------------------------------
     def _on_progress(self, event: Progress) -> None:
@@ -241,8 +379,7 @@ class RunPanel(Container):
         bar, text = self._pending
         self._pending = None
         if bar is not None:
-            self.progress_bar.max = bar[1]
-            self.progress_bar.value = bar[0]
+            self._set_bar(bar[0], bar[1])
         self.status_label.value = text
 
     def _on_returned(
@@ -300,7 +437,16 @@ class RunPanel(Container):
         if not self._disposed:
             self.status_label.value = "cancelled"
 
-    def _on_finished(self) -> None:
+    def _on_finished(self, worker: SegmentationWorker) -> None:
+        if worker is self._stopping:  # a let-go run has stopped: start the one waiting
+            self._stopping = None
+            deferred, self._deferred = self._deferred, None
+            if deferred is not None and not self._disposed and self.worker is deferred[0]:
+                self.status_label.value = "starting"
+                self._launch(*deferred)
+            return
+        if worker is not self.worker:
+            return
         self.worker = None
         if self._disposed or self._steps is not None:
             return  # layers still being added: _end follows
@@ -318,15 +464,19 @@ class RunPanel(Container):
             return
         self._set_running(False, status)
         # A full bar only for a result: not after an error or a cancel.
-        self.progress_bar.value = self.progress_bar.max if self._succeeded else 0
+        self._set_bar(self.progress_bar.max if self._succeeded else 0)
 
 
 __all__ = [
+    "CANCEL_WAIT_MS",
     "OUTER_STAGES",
+    "RUN_SWITCH_INTERVAL_S",
     "RunFailedError",
     "RunOutput",
     "RunPanel",
     "SegmentationWorker",
     "progress_view",
+    "responsive_interpreter",
     "run_segmentation",
+    "with_tables",
 ]

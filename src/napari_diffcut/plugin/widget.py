@@ -37,10 +37,16 @@ from napari_diffcut.core.errors import DiffCutError
 from napari_diffcut.pipeline.settings import Settings
 from napari_diffcut.plugin.features import result_kind
 from napari_diffcut.plugin.form import DiffCutForm
+from napari_diffcut.plugin.instances import apply_instances, instances_meta, instances_summary
 from napari_diffcut.plugin.loading import BackgroundLoadEngine
 from napari_diffcut.plugin.result import ResultPanel
 from napari_diffcut.plugin.run import RunOutput, RunPanel, SegmentationWorker
-from napari_diffcut.plugin.scripting import iter_apply_plan, plan_result_layers, warn_alignment
+from napari_diffcut.plugin.scripting import (
+    check_instances_option,
+    iter_apply_plan,
+    plan_result_layers,
+    warn_alignment,
+)
 from napari_diffcut.plugin.take import LayerImage, layer_image
 
 logger = logging.getLogger(__name__)
@@ -51,14 +57,18 @@ FORM_CONTROLS = (
     "model_edit", "browse_button", "device_combo", "mode_combo", "power_spin", "graph_combo",
     "min_size_spin", "max_depth_spin", "seed_spin", "working_size_spin", "tile_size_spin",
     "overlap_auto_check", "tile_overlap_spin", "contrast_check", "channel_axis_combo",
-    "channels_edit", "advanced_button",
+    "channels_edit", "advanced_button", "refine_check", "instances_check", "instance_min_spin",
 )  # fmt: skip
 RUN_CONTROLS = ("run_button", "cancel_button", "progress_bar", "status_label")
 RESULT_CONTROLS = ("auto_check", "threshold_slider", "threshold_readout", "result_label")
 
 
 def done_message(seg: Any, layers: list[Any]) -> str:
-    """Status after a run: planes, tiles or levels."""
+    """Status after a run: planes, tiles or levels (and the count of an instance layer)."""
+    counted = [lay for lay in layers if instances_meta(lay) is not None]
+    if counted:
+        rest = [lay for lay in layers if instances_meta(lay) is None]
+        return f"{done_message(seg, rest)}; {instances_summary(counted[-1])}"
     kind = result_kind(seg)
     if kind == "stack":
         return f"done: {int(np.prod(seg.stack_shape))} planes"
@@ -176,18 +186,31 @@ class DiffCutWidget(Container):
                 memory_budget=settings.memory_budget,
             )
             settings = taken.run_settings(settings)
+            fields = self.form.fields()
+            wanted = fields.instance_min_size if fields.instances else False
+            count = check_instances_option(wanted, self.run_on)
         except (ValueError, TypeError, DiffCutError) as exc:
             show_error(f"DiffCut: {exc}")
             return
-        self.start(taken, settings)
+        self.start(taken, settings, instances=count)
 
-    def start(self, taken: LayerImage, settings: Settings) -> SegmentationWorker:
-        """Start a run on a background thread; layers are added when it returns."""
+    def start(
+        self, taken: LayerImage, settings: Settings, instances: int | None = None
+    ) -> SegmentationWorker:
+        """Start a run on a background thread; layers are added when it returns.
+
+        ``instances``: also count the result's objects into an instance layer,
+        pieces of at least this many pixels (:mod:`~napari_diffcut.plugin.instances`).
+        """
         self._watch_window()
 
         def apply(out: RunOutput) -> Iterator[Any]:
             plan = plan_result_layers(self._viewer, out.tuples)
-            yield from iter_apply_plan(self._viewer, plan)
+            last = None
+            for last in iter_apply_plan(self._viewer, plan):  # one layer per event-loop turn
+                yield last
+            if instances is not None and last is not None:  # the main layer is placed last
+                yield apply_instances(self._viewer, last, instances)
 
         def done(out: RunOutput, layers: list[Any]) -> str:
             warn_alignment(taken)
