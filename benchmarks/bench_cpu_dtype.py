@@ -103,9 +103,12 @@ def run_variant(model_dir: str, variant: str, repeats: int, image: np.ndarray) -
         "vae_encode_s": enc.as_dict(),
         "unet_capture_s": unet.as_dict(),
         "end_to_end_s": e2e.as_dict(),
-        "segments": int(seg.labels.max()) if seg is not None else None,
+        "segments": int(len(np.unique(seg.labels))) if seg is not None else None,
         "load_avg": load,
         "_labels": seg.labels if seg is not None else None,
+        # Random weights give structureless attention, so the automatic cut keeps one
+        # segment: the deepest cut (threshold 1) compares the partitions themselves.
+        "_deep": seg.cut(1.0) if seg is not None else None,
         "_attention": attention,
     }
 
@@ -114,7 +117,7 @@ def main() -> None:
     """Command line: print the result as JSON (``--json`` also writes it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="/tmp/sd15-random")
-    parser.add_argument("--variants", default="float32,bfloat16,float32-cl")
+    parser.add_argument("--variants", default="float32,bfloat16,float32-cl,bfloat16-cl")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -137,6 +140,8 @@ def main() -> None:
     for res in results.values():
         if ref is not None and res["_labels"] is not None:
             res["ari_vs_float32"] = adjusted_rand_index(ref["_labels"], res["_labels"])
+            res["ari_deep_cut_vs_float32"] = adjusted_rand_index(ref["_deep"], res["_deep"])
+            res["deep_cut_segments"] = int(len(np.unique(res["_deep"])))
             rel = []
             for grid, a in ref["_attention"].items():
                 b = res["_attention"][grid]
@@ -144,6 +149,7 @@ def main() -> None:
             res["attention_rel_l1_vs_float32"] = max(rel)
     for res in results.values():
         res.pop("_labels")
+        res.pop("_deep")
         res.pop("_attention")
     out = {
         "machine": machine(),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import napari
@@ -17,15 +16,6 @@ from napari_diffcut.plugin.instances import (
     instances_summary,
 )
 from napari_diffcut.plugin.scripting import recut_layer, segment_layer
-
-
-@pytest.fixture
-def viewer() -> Iterator[napari.Viewer]:
-    v = napari.Viewer(show=False)
-    try:
-        yield v
-    finally:
-        v.close()
 
 
 def test_segment_layer_adds_a_counted_instance_layer(viewer: napari.Viewer) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,6 @@ from napari_diffcut.plugin.scripting import recut_layer, segment_layer
 
 #: Fast weight-free settings (a 16 x 16 patch grid).
 FAST = {"backbone": "pixels", "working_size": 128, "min_size": 4, "max_depth": 3}
-
-
-@pytest.fixture
-def viewer() -> Iterator[napari.Viewer]:
-    """A viewer created hidden and never shown."""
-    v = napari.Viewer(show=False)
-    try:
-        yield v
-    finally:
-        v.close()
 
 
 @pytest.fixture

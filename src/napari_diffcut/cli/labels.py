@@ -116,15 +116,22 @@ def output_bytes(image: Any, *, levels: bool, max_depth: int) -> int:
     return 4 * math.prod(shape) * planes + RECORD_BYTES
 
 
-def check_levels_possible(image: Any, settings: Any) -> None:
-    """``--levels`` needs one tree: a 2-D image in downscale mode."""
-    from napari_diffcut.large.sources import ImageSource, is_multiscale, is_tiled
+def plane_source(image: Any, settings: Any) -> Any:
+    """The :class:`~napari_diffcut.large.sources.ImageSource` of a run's input (level 0)."""
+    from napari_diffcut.large.sources import ImageSource, is_multiscale
 
     first = image[0] if is_multiscale(image) else image
     try:
-        source = ImageSource(first, settings.channel_axis, settings.channels)
+        return ImageSource(first, settings.channel_axis, settings.channels)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def check_levels_possible(image: Any, settings: Any) -> None:
+    """``--levels`` needs one tree: a 2-D image in downscale mode."""
+    from napari_diffcut.large.sources import is_tiled
+
+    source = plane_source(image, settings)
     if source.stack_shape or is_tiled(source, settings):
         what = f"stack axes {source.stack_shape}" if source.stack_shape else "tiles"
         raise UserError(
@@ -139,13 +146,7 @@ INSTANCE_BYTES_PER_PIXEL = 40
 
 def check_instances_possible(image: Any, settings: Any) -> None:
     """``--instances`` needs a 2-D image whose label image fits the memory budget."""
-    from napari_diffcut.large.sources import ImageSource, is_multiscale
-
-    first = image[0] if is_multiscale(image) else image
-    try:
-        source = ImageSource(first, settings.channel_axis, settings.channels)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    source = plane_source(image, settings)
     if source.stack_shape:
         raise UserError(
             f"--instances counts objects in a 2-D image; this image has stack axes "

@@ -246,15 +246,7 @@ class LazySegmentation(Segmentation):
         """Dask levels for another threshold, coarsest first."""
         return [self._lookup(lut) for lut in self.hierarchy.level_luts(threshold)]
 
-    def instances(
-        self,
-        threshold: float | str | None = None,
-        *,
-        min_size: int = 16,
-        background: int | str | None = "largest",
-        connectivity: int = 1,
-        by_segment: bool = False,
-    ) -> Instances:
+    def instances(self, threshold: float | str | None = None, **options: Any) -> Instances:
         """Not for lazy labels: connected components need the whole label image at once."""
         raise ValueError(
             f"instances need the whole label image in memory; these {self.shape} labels are "
