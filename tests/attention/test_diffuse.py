@@ -91,3 +91,33 @@ def test_bf16_encode_and_attention_close_to_fp32(tiny_model: Path) -> None:
     for grid, ref in maps["float32"].items():
         rel = np.abs(maps["bfloat16"][grid] - ref).sum(1) / ref.sum(1)  # L1 per attention row
         assert float(np.median(rel)) < 0.05, grid
+
+
+def test_bf16_segments_like_fp32(tiny_model: Path) -> None:
+    """Issue 14.4: bf16 on the CPU (channels-last) segments as fp32 does.
+
+    Random weights give structureless attention: the automatic cut is the whole
+    image in both, and the splits below it are near-ties (costs about 0.99)
+    whose partitions any rounding reorders; so the automatic labels are
+    compared (ARI) and the tree's split costs, which bf16 keeps to 1e-3.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    import napari_diffcut
+
+    yy, xx = np.mgrid[:256, :256] / 256
+    image = np.stack([0.2 + 0.3 * xx, 0.3 + 0.2 * yy, 0.4 + 0 * xx], -1)
+    image[(yy - 0.35) ** 2 + (xx - 0.3) ** 2 < 0.04] = (0.9, 0.2, 0.2)
+    image[(yy - 0.7) ** 2 + (xx - 0.7) ** 2 < 0.03] = (0.2, 0.8, 0.3)
+    segs = {
+        dtype: napari_diffcut.segment(
+            image.astype(np.float32), model=str(tiny_model), device="cpu", dtype=dtype,
+            min_size=2,
+        )
+        for dtype in ("float32", "bfloat16")
+    }
+    ref, low = segs["float32"], segs["bfloat16"]
+    assert low.settings["dtype"] == "bfloat16"
+    assert adjusted_rand_score(ref.labels.ravel(), low.labels.ravel()) >= 0.98
+    costs = [[n.cost for n in seg.tree[:7]] for seg in (ref, low)]
+    np.testing.assert_allclose(costs[1], costs[0], atol=1e-3)
