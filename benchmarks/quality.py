@@ -18,9 +18,14 @@ images, for:
   ``napari_diffcut.core.refine.refine_leaf_labels`` (n/a where it is missing);
 - ``skimage``: scikit-image's classic NCut (SLIC 400, compactness 30, RAG of
   mean colour, ``cut_normalized``; the gallery example's settings);
-- ``kmeans``: k-means on pixel colour, told the true number of classes.
+- ``kmeans``: k-means on pixel colour, told the true number of classes;
+- ``segments``: segments at the automatic cut;
+- ``s_ours``: seconds per image of ours (graph, tree, upsampling; ``auto`` is
+  refinement off, ``refine`` on, which adds ``s_refine``), ``s_skimage``,
+  ``s_kmeans``; ``--stages`` adds ``s_pixels``, ``s_tree``, ``s_upsample``.
 
-It drives the core directly (the same stages as the pipeline's ``segment_rgb``).
+It drives the core directly (the stages of the pipeline's ``segment_rgb``, with
+the pixels backbone's closed-form graph, :func:`napari_diffcut.core.pixels.pixel_graph`).
 """
 
 from __future__ import annotations
@@ -86,21 +91,30 @@ def miou(truth: NDArray[np.int64], pred: NDArray[Any], n_class: int) -> float:
     return float(scores(counts).miou)
 
 
-def ours(rgb: NDArray[np.float32]) -> tuple[Any, NDArray[np.int64], float]:
-    """Pixels backbone -> tree (with null costs) -> soft upsampling; (hierarchy, leaf map, s)."""
+def ours(rgb: NDArray[np.float32]) -> tuple[Any, NDArray[np.int64], dict[str, float]]:
+    """Pixels backbone -> tree (with null costs) -> soft upsampling.
+
+    Returns (hierarchy, leaf map, seconds per stage: ``pixels`` (graph and
+    transition, :func:`napari_diffcut.core.pixels.pixel_graph`, whose walk is
+    reversible so no stationary solve is needed), ``tree``, ``upsample`` and
+    ``total``).
+    """
     from napari_diffcut.core.hierarchy import Hierarchy, build_tree
     from napari_diffcut.core.image import latent_grid, resize
-    from napari_diffcut.core.pixels import pixel_transition
+    from napari_diffcut.core.pixels import pixel_graph
     from napari_diffcut.core.upsample import soft_upsample
-    from napari_diffcut.core.walk import build_affinity
 
+    times: dict[str, float] = {}
     start = time.perf_counter()
     grid = latent_grid(rgb.shape[:2], LATENT)
-    transition = pixel_transition(resize(rgb, (grid[0] * PATCH, grid[1] * PATCH)), grid)
-    affinity, walk = build_affinity(transition, dtype=np.float32)
-    tree = build_tree(affinity, grid_shape=grid)
-    pixel_leaf = soft_upsample(walk, tree.leaf_of_patch, grid, rgb.shape[:2])
-    return Hierarchy(tree, grid), pixel_leaf, time.perf_counter() - start
+    graph = pixel_graph(resize(rgb, (grid[0] * PATCH, grid[1] * PATCH)), grid)
+    times["pixels"] = time.perf_counter() - start
+    tree = build_tree(graph.affinity, grid_shape=grid)
+    times["tree"] = time.perf_counter() - start - times["pixels"]
+    pixel_leaf = soft_upsample(graph.transition, tree.leaf_of_patch, grid, rgb.shape[:2])
+    times["total"] = time.perf_counter() - start
+    times["upsample"] = times["total"] - times["pixels"] - times["tree"]
+    return Hierarchy(tree, grid), pixel_leaf, times
 
 
 def refine_available() -> bool:
@@ -158,14 +172,17 @@ def score_image(img: NDArray[Any], truth: NDArray[np.int64], use_skimage: bool) 
     from napari_diffcut.core.image import to_rgb
 
     rgb = to_rgb(img)
-    hierarchy, pixel_leaf, seconds = ours(rgb)
+    hierarchy, pixel_leaf, times = ours(rgb)
     auto = hierarchy.node_lut("auto")[pixel_leaf]
     levels = level_scores(hierarchy, pixel_leaf, truth, 2)
     row: dict[str, Any] = {
         "auto": miou(truth, auto, 2), "best": max(levels), "one": levels[0],
-        "segments": int(np.unique(auto).size), "s_ours": seconds,
+        "segments": int(np.unique(auto).size), "s_ours": times["total"],
+        "s_pixels": times["pixels"], "s_tree": times["tree"], "s_upsample": times["upsample"],
     }
+    start = time.perf_counter()
     ref = refined_leaves(rgb, pixel_leaf)
+    row["s_refine"] = time.perf_counter() - start if ref is not None else float("nan")
     lut = hierarchy.node_lut("auto")
     row["refine"] = float("nan") if ref is None else miou(truth, lut[ref], 2)
     if use_skimage:
@@ -184,7 +201,9 @@ def score_image(img: NDArray[Any], truth: NDArray[np.int64], use_skimage: bool) 
 
 
 COLUMNS = ("auto", "best", "one", "refine", "skimage", "kmeans", "segments",
-           "s_ours", "s_skimage", "s_kmeans")
+           "s_ours", "s_refine", "s_skimage", "s_kmeans")
+#: Per-stage seconds of ``s_ours``, printed with ``--stages``.
+STAGES = ("s_pixels", "s_tree", "s_upsample")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,18 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--limit", type=int, default=4, help="images per set (0 = all)")
     parser.add_argument("--no-skimage", action="store_true", help="skip the slow skimage column")
+    parser.add_argument("--stages", action="store_true",
+                        help="also print the seconds of each stage of s_ours")
     args = parser.parse_args(argv)
-    header = "| set | n | " + " | ".join(COLUMNS) + " |"
+    columns = COLUMNS + (STAGES if args.stages else ())
+    header = "| set | n | " + " | ".join(columns) + " |"
     print(header)
-    print("|" + "---|" * (len(COLUMNS) + 2))
+    print("|" + "---|" * (len(columns) + 2))
     for name, pairs, loader in iter_sets(args.data):
         pairs = pairs[: args.limit] if args.limit else pairs
         rows = [score_image(*loader(i, t), not args.no_skimage) for i, t in pairs]
         med = {c: float(np.nanmedian([r[c] for r in rows])) if any(
-            np.isfinite(r[c]) for r in rows) else float("nan") for c in COLUMNS}
+            np.isfinite(r[c]) for r in rows) else float("nan") for c in columns}
         cells = ["n/a" if not np.isfinite(med[c]) else
                  (f"{med[c]:.0f}" if c == "segments" else
-                  f"{med[c]:.2f}" if c.startswith("s_") else f"{med[c]:.3f}") for c in COLUMNS]
+                  f"{med[c]:.2f}" if c.startswith("s_") else f"{med[c]:.3f}") for c in columns]
         print(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

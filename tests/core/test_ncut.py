@@ -78,3 +78,26 @@ def test_disconnected_parts_are_split_exactly(rng: np.random.Generator, n: int) 
     assert part.cost == pytest.approx(0.0, abs=1e-9)
     assert part.mask[:half].all() != part.mask[half:].all()
     assert len(np.unique(part.mask[:half])) == 1 and len(np.unique(part.mask[half:])) == 1
+
+
+def test_index_equals_the_gathered_sub_graph(rng: np.random.Generator) -> None:
+    """``index``: the same Fiedler vector, split and cost as on ``W[index][:, index]``."""
+    from napari_diffcut.core.ncut import restrict, restricted_degree
+
+    w = block_affinity([60, 140], between=0.05) + 0.02 * rng.random((200, 200))
+    w = ((w + w.T) / 2).astype(np.float32)
+    idx = np.flatnonzero(rng.random(200) < 0.9)
+    sub = restrict(w, idx)
+    np.testing.assert_array_equal(sub, w[np.ix_(idx, idx)])
+    degree = sub.sum(axis=1, dtype=np.float64)
+    np.testing.assert_allclose(
+        restricted_degree(w, idx, w.sum(axis=1, dtype=np.float64)), degree, rtol=1e-12
+    )
+    z, lam = fiedler_vector(sub, degree, seed=3)
+    z_i, lam_i = fiedler_vector(w, degree, seed=3, index=idx)
+    np.testing.assert_allclose(z_i, z, rtol=1e-5, atol=1e-8 * np.abs(z).max())
+    assert lam_i == pytest.approx(lam, rel=1e-6)
+    mask, cost = sweep_cut(sub, degree, z, 4)
+    mask_i, cost_i = sweep_cut(w, degree, z, 4, index=idx)
+    np.testing.assert_array_equal(mask_i, mask)
+    assert cost_i == pytest.approx(cost, rel=1e-6)

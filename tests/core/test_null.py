@@ -101,3 +101,66 @@ def test_auto_is_per_node_and_numeric_cut_still_works() -> None:
     # Without a grid the tree has no null costs and "auto" falls back to Otsu.
     plain = Hierarchy(build_tree(affinity, min_size=8), GRID)
     assert plain.null_ratio is None and np.isfinite(plain.auto_threshold)
+
+
+@pytest.mark.parametrize("grid", [(6, 5), (4, 9)])
+def test_kernel_and_dense_null_match_their_definitions(grid: tuple[int, int]) -> None:
+    """The row-block kernel sums and the Toeplitz-block W0 equal the pairwise definitions."""
+    rng = np.random.default_rng(7)
+    h, w = grid
+    n = h * w
+    graph = rng.random((n, n))
+    graph = graph + graph.T
+    yy, xx = np.divmod(np.arange(n), w)
+    walk = graph / graph.sum(1, keepdims=True)
+    sums = np.zeros((2 * h - 1, 2 * w - 1))
+    counts = np.zeros_like(sums)
+    for i in range(n):
+        for j in range(n):
+            sums[yy[j] - yy[i] + h - 1, xx[j] - xx[i] + w - 1] += walk[i, j]
+            counts[yy[j] - yy[i] + h - 1, xx[j] - xx[i] + w - 1] += 1
+    expected = sums / counts
+    expected = 0.5 * (expected + expected[::-1, ::-1])
+    kernel = offset_kernel(graph, grid)
+    np.testing.assert_allclose(kernel, expected, rtol=1e-12)
+    dense = null_affinity(kernel, grid, np.float64)
+    for i in range(n):
+        for j in range(n):
+            assert dense[i, j] == kernel[yy[j] - yy[i] + h - 1, xx[j] - xx[i] + w - 1]
+
+
+def test_pixel_graph_is_the_walk_graph_of_its_transition() -> None:
+    """Reversible by construction: pi = row sums of K / sum(K), W = K / sum(K) (core.pixels)."""
+    from napari_diffcut.core.pixels import pixel_graph
+
+    rng = np.random.default_rng(2)
+    rgb = np.full((128, 96, 3), 0.2, np.float32)
+    rgb[30:90, 20:60] = (0.7, 0.3, 0.5)
+    rgb += rng.normal(0, 0.03, rgb.shape).astype(np.float32)
+    g = pixel_graph(rgb, (16, 12))
+    np.testing.assert_array_equal(g.affinity, g.affinity.T)
+    np.testing.assert_allclose(g.affinity.sum(1), g.stationary, rtol=1e-5)
+    np.testing.assert_allclose(g.transition.sum(1), 1, atol=1e-5)
+    reference = walk_affinity(g.transition)
+    np.testing.assert_allclose(g.affinity, reference, rtol=1e-4, atol=1e-12)
+    np.testing.assert_array_equal(g.transition, pixel_transition(rgb, (16, 12)))
+
+
+def test_near_complete_nodes_split_through_an_index_as_on_a_copy() -> None:
+    """The tree's index path (no sub-matrix copy) grows the same tree as copies."""
+    import napari_diffcut.core.tree as tree_module
+
+    p = planted_transition(GRID, (np.mgrid[:32, :32][0] > 28).astype(int), seed=6)
+    affinity, _ = build_affinity(p, dtype=np.float32)
+    shared = build_tree(affinity, min_size=8, grid_shape=GRID)
+    old = tree_module.SHARE_MIN_FRACTION
+    try:
+        tree_module.SHARE_MIN_FRACTION = 2.0  # never share: always gather the sub-graph
+        copied = build_tree(affinity, min_size=8, grid_shape=GRID)
+    finally:
+        tree_module.SHARE_MIN_FRACTION = old
+    np.testing.assert_array_equal(shared.parent, copied.parent)
+    np.testing.assert_array_equal(shared.leaf_of_patch, copied.leaf_of_patch)
+    np.testing.assert_allclose(shared.cost, copied.cost, rtol=1e-6, equal_nan=True)
+    assert shared.null_cost is not None and copied.null_cost is not None
+    np.testing.assert_allclose(shared.null_cost, copied.null_cost, rtol=1e-6, equal_nan=True)

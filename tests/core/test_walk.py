@@ -183,3 +183,22 @@ def test_build_affinity_validates(rng: np.random.Generator) -> None:
         check_transition(p[:5])
     w, walk = build_affinity(p, power=2)
     np.testing.assert_allclose(walk, p.astype(np.float64) @ p, atol=1e-5)
+
+
+@pytest.mark.parametrize("coupling", [1e-5, 1e-7])
+def test_stationary_distribution_nearly_reducible_float32(
+    rng: np.random.Generator, coupling: float
+) -> None:
+    """Weakly joined parts: float32 products alone get their masses wrong by O(1) (issue 11)."""
+    n, a = 1024, 300
+    k = rng.random((n, n))
+    k = k + k.T  # reversible: pi is proportional to the row sums of k
+    k[:a, a:] *= coupling
+    k[a:, :a] *= coupling
+    k[:a, :a] *= 3.0
+    exact = k.sum(1) / k.sum()
+    p = (k / k.sum(1, keepdims=True)).astype(np.float32)
+    pi = stationary_distribution(p)
+    np.testing.assert_allclose(pi, exact, rtol=1e-3)
+    # float32 products alone: 1.4 % and 97 % off.
+    assert pi[:a].sum() == pytest.approx(exact[:a].sum(), rel=1e-3)

@@ -20,6 +20,15 @@ descheduled stalls every product (measured: a whole tree 4x slower with 2
 threads than with 1 on 2 busy cores; on idle cores the threads save about
 0.1 s per tree). :func:`single_thread_blas` lets the tree run its splits on
 one BLAS thread; the limit is lifted between splits.
+
+Sub-graphs without a copy: :func:`fiedler_vector`, :func:`sweep_cut` and
+:func:`restricted_degree` take an optional ``index``, the node's positions in
+a larger ``affinity``; they then work on ``W[index][:, index]`` without
+building it (products pad the vector with zeros and read the node's rows of
+the result; the sweep gathers the node's rows of W). The tree uses it for
+nodes nearly as large as the whole graph (a chain of small peels off the
+background), where gathering the sub-matrix costs as much as all of its
+products (benchmarks/quality.py profile, issue 11).
 """
 
 from __future__ import annotations
@@ -59,6 +68,11 @@ class Bipartition:
 #: Up to this size the Fiedler vector comes from a dense ``eigh`` (faster than
 #: ARPACK's setup there; benchmarks/NOTES.md).
 DENSE_MAX = 64
+#: Lanczos basis size of the Fiedler solve (ARPACK's ``ncv``; its default is
+#: 20 for one eigenpair). Most splits converge within the first basis, so a
+#: smaller one saves products: 12 cut the products of the quality benchmark's
+#: trees by a third with identical trees and costs (issue 11).
+LANCZOS_NCV = 12
 #: Up to this size the sweep gathers the sorted matrix; above it, block sums.
 SWEEP_GATHER_MAX = 256
 #: Rows of W gathered at a time by the blocked sweep (:func:`_earlier_sums`).
@@ -95,6 +109,7 @@ def fiedler_vector(
     v0: NDArray[np.float64] | None = None,
     seed: int = 0,
     tol: float = 1e-6,
+    index: NDArray[np.int64] | None = None,
 ) -> tuple[NDArray[np.float64], float]:
     """Second generalised eigenvector of ``(D - W) z = lambda D z``.
 
@@ -118,6 +133,9 @@ def fiedler_vector(
         Seed of the default start vector.
     tol : float
         Lanczos tolerance.
+    index : ndarray of int, optional
+        Solve on ``affinity[index][:, index]`` without building it (module
+        docstring); ``degree`` is then that sub-graph's, of length ``len(index)``.
 
     Returns
     -------
@@ -126,8 +144,10 @@ def fiedler_vector(
     eigenvalue : float
         lambda_2 of the normalised Laplacian ``I - M``.
     """
-    n = affinity.shape[0]
     degree = np.asarray(degree, np.float64)
+    n = degree.shape[0]
+    if index is not None and n <= DENSE_MAX:
+        affinity, index = restrict(affinity, index), None
     inv_sqrt = 1.0 / np.sqrt(degree)
     q = np.sqrt(degree)
     q /= np.linalg.norm(q)
@@ -137,20 +157,22 @@ def fiedler_vector(
 
         def matvec(x: NDArray[np.float64]) -> NDArray[np.float64]:
             x = np.ravel(x)
-            y = inv_sqrt * _product(affinity, inv_sqrt * x)
+            y = inv_sqrt * _product(affinity, inv_sqrt * x, index)
             return y - q * (q @ x)
 
         op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         start = start_vector(n, seed) if v0 is None else np.asarray(v0, np.float64)
         start = start - q * (q @ start)
         try:
-            u2 = eigsh(op, k=1, which="LA", v0=start, tol=tol, maxiter=20 * n)[1][:, 0]
+            ncv = min(n - 1, LANCZOS_NCV)
+            u2 = eigsh(op, k=1, which="LA", v0=start, tol=tol, ncv=ncv, maxiter=20 * n)[1][:, 0]
         except (ArpackNoConvergence, ArpackError):
-            m = affinity * inv_sqrt[:, None] * inv_sqrt[None, :]
+            sub = affinity if index is None else restrict(affinity, index)
+            m = sub * inv_sqrt[:, None] * inv_sqrt[None, :]
             u2 = _top_eigenvector(m - np.outer(q, q))
     u2 = u2 - q * (q @ u2)
     u2 /= np.linalg.norm(u2)
-    mu2 = float(u2 @ (inv_sqrt * _product(affinity, inv_sqrt * u2)))
+    mu2 = float(u2 @ (inv_sqrt * _product(affinity, inv_sqrt * u2, index)))
     z = inv_sqrt * u2
     if z[np.argmax(np.abs(z))] < 0:
         z = -z
@@ -171,9 +193,45 @@ def _top_eigenvector(matrix: NDArray[np.floating]) -> NDArray[np.float64]:
     return eigh(m64, subset_by_index=[n - 1, n - 1], driver="evr")[1][:, 0]
 
 
-def _product(affinity: NDArray[np.floating], x: NDArray[np.float64]) -> NDArray[np.float64]:
-    """``W @ x`` in W's dtype (a float64 vector would upcast a float32 W: an n x n copy)."""
-    return np.asarray(affinity @ x.astype(affinity.dtype, copy=False), np.float64)
+def _product(
+    affinity: NDArray[np.floating],
+    x: NDArray[np.float64],
+    index: NDArray[np.int64] | None = None,
+) -> NDArray[np.float64]:
+    """``W @ x`` in W's dtype (a float64 vector would upcast a float32 W: an n x n copy).
+
+    With ``index``: ``W[index][:, index] @ x`` as ``(W @ pad(x))[index]``.
+    """
+    if index is None:
+        return np.asarray(affinity @ x.astype(affinity.dtype, copy=False), np.float64)
+    full = np.zeros(affinity.shape[1], affinity.dtype)
+    full[index] = x
+    return np.asarray((affinity @ full)[index], np.float64)
+
+
+def restrict(matrix: NDArray[np.floating], index: NDArray[np.int64]) -> NDArray[np.floating]:
+    """``matrix[np.ix_(index, index)]`` as two ``take`` calls (2x faster at 1000-3000 nodes)."""
+    return matrix.take(index, axis=0).take(index, axis=1)
+
+
+def restricted_degree(
+    affinity: NDArray[np.floating],
+    index: NDArray[np.int64],
+    row_sums: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """Row sums of ``W[index][:, index]`` without building it, in float64.
+
+    ``row_sums`` (float64 row sums of the whole ``affinity``) minus each row's
+    weight to the nodes left out: only an ``n x (N - n)`` gather, cheap for
+    the near-complete nodes this serves.
+    """
+    out_mask = np.ones(affinity.shape[1], bool)
+    out_mask[index] = False
+    outside = np.flatnonzero(out_mask)
+    degree = np.asarray(row_sums, np.float64)[index].copy()
+    if outside.size:
+        degree -= affinity.take(index, axis=0).take(outside, axis=1).sum(axis=1, dtype=np.float64)
+    return degree
 
 
 def sweep_cut(
@@ -181,6 +239,7 @@ def sweep_cut(
     degree: NDArray[np.float64],
     fiedler: NDArray[np.float64],
     min_size: int,
+    index: NDArray[np.int64] | None = None,
 ) -> tuple[NDArray[np.bool_], float]:
     """Best NCut split along the sorted Fiedler vector.
 
@@ -190,6 +249,8 @@ def sweep_cut(
     ``NCut = cut/vol(A) + cut/vol(B)`` (Shi & Malik 2000, eq. 2). O(n^2) once,
     without copying W (:func:`_earlier_sums`). The returned cost of the best
     position is recomputed with the cut summed directly (:func:`_split_cost`).
+    With ``index`` the graph is ``affinity[index][:, index]``, not built
+    (module docstring).
 
     Returns
     -------
@@ -200,8 +261,9 @@ def sweep_cut(
     """
     n = fiedler.shape[0]
     order = np.argsort(-fiedler, kind="stable")
-    earlier = _earlier_sums(affinity, order)
-    diagonal = np.asarray(affinity[order, order], np.float64)
+    nodes = order if index is None else np.asarray(index)[order]  # rows/columns of W
+    earlier = _earlier_sums(affinity, nodes)
+    diagonal = np.asarray(affinity[nodes, nodes], np.float64)
     assoc = np.cumsum(2.0 * earlier + diagonal)
     vol_a = np.cumsum(np.asarray(degree, np.float64)[order])
     total = vol_a[-1]
@@ -217,13 +279,14 @@ def sweep_cut(
     j = int(np.argmin(ncut))
     mask = np.zeros(n, bool)
     mask[order[: j + 1]] = True
-    return mask, _split_cost(affinity, degree, mask, float(vol_a[j]), float(vol_b[j]))
+    return mask, _split_cost(affinity, degree, mask, float(vol_a[j]), float(vol_b[j]), index)
 
 
 def _earlier_sums(affinity: NDArray[np.floating], order: NDArray[np.int64]) -> NDArray[np.float64]:
     """``earlier[j] = sum_{i < j} W[o_j, o_i]`` for the node order ``o`` (float64).
 
-    Small graphs gather the sorted matrix. Larger ones avoid that n x n copy
+    ``order`` may list only some of W's nodes (a sub-graph): the sums run over
+    the listed nodes only. Small graphs gather the sorted matrix. Larger ones avoid that n x n copy
     and the triangular mask: the order is walked in blocks of 64 nodes, whose
     rows are gathered (contiguous copies); a running float64 vector holds every
     node's weight to all earlier blocks, and only the 64 x 64 diagonal block
@@ -234,7 +297,8 @@ def _earlier_sums(affinity: NDArray[np.floating], order: NDArray[np.int64]) -> N
         sorted_w = affinity[np.ix_(order, order)]
         return np.tril(sorted_w, -1).sum(axis=1, dtype=np.float64)
     earlier = np.empty(n, np.float64)
-    to_earlier = np.zeros(n, np.float64)  # weight of each node to all earlier blocks
+    # Weight of each of W's nodes to all earlier blocks (only listed nodes are read).
+    to_earlier = np.zeros(affinity.shape[1], np.float64)
     for start in range(0, n, SWEEP_BLOCK):
         members = order[start : start + SWEEP_BLOCK]
         rows = affinity[members]  # (b, n) contiguous row copies
@@ -250,6 +314,7 @@ def _split_cost(
     mask: NDArray[np.bool_],
     vol_a: float,
     vol_b: float,
+    index: NDArray[np.int64] | None = None,
 ) -> float:
     """NCut of the chosen split with ``cut`` summed directly, not as ``vol - assoc``.
 
@@ -257,7 +322,7 @@ def _split_cost(
     small (a float32 graph: ~1e-5); ``cut = sum_{i in A} (W 1_B)_i`` sums only
     non-negative terms, so the returned cost is as precise as W itself.
     """
-    to_b = _product(affinity, (~mask).astype(np.float64))
+    to_b = _product(affinity, (~mask).astype(np.float64), index)
     cut = float(to_b[mask].sum())
     return max(cut / vol_a + cut / vol_b, 0.0)
 

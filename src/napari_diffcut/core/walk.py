@@ -289,8 +289,18 @@ def aggregate_attention(
 
 
 #: From this many nodes on, a float32 transition matrix is multiplied in float32
-#: when its stationary distribution is computed (benchmarks/NOTES.md).
+#: when its stationary distribution is computed (benchmarks/NOTES.md), if its
+#: spectral gap allows it (:data:`FLOAT32_MIN_GAP`).
 FLOAT32_MIN_NODES = 1024
+
+#: The float32 products are trusted only when the walk's spectral gap
+#: ``1 - |lambda_2|`` is at least this (issue 11). The rounding of a float32
+#: product (about 1e-7 of each sum) is amplified by about 1/gap in pi
+#: (the condition number of a Markov chain's stationary distribution, Meyer
+#: 1980; Cho & Meyer 2001): measured on 4096-node walks, relative error of pi
+#: 1e-5 at gap 1.4e-3, 5e-3 at gap 1.4e-4 and 0.8 (the mass of weakly joined
+#: parts wrong by O(1)) at gap 1e-5; float64 is right to 1e-8 on all of them.
+FLOAT32_MIN_GAP = 1e-2
 
 
 def stationary_distribution(transition: NDArray[np.floating]) -> NDArray[np.float64]:
@@ -302,11 +312,15 @@ def stationary_distribution(transition: NDArray[np.floating]) -> NDArray[np.floa
     dozen products even for the slowly mixing, spatially local walks where plain
     power iteration needs thousands.
 
-    A float32 ``transition`` with at least ``FLOAT32_MIN_NODES`` nodes is used
-    as it is (``x @ P`` in float32, no transposed float64 copy; about 4x faster
-    at 4096 nodes): the result then agrees with the float64 solve to about
-    1e-5 relative, which is the sensitivity of pi to the float32 rounding of P
-    itself, so nothing that the data holds is lost.
+    A float32 ``transition`` with at least ``FLOAT32_MIN_NODES`` nodes is first
+    used as it is (``x @ P`` in float32, no float64 copy; about 4x faster at
+    4096 nodes), solving for the two eigenvalues of largest modulus. If the
+    gap ``1 - |lambda_2|`` is at least :data:`FLOAT32_MIN_GAP` the result
+    agrees with the float64 solve to about 1e-5 relative, the sensitivity of pi
+    to the float32 rounding of P itself. A nearly reducible walk (weakly joined
+    parts, e.g. the pixels backbone on an image of two flat colours) has a
+    smaller gap, and its pi is then solved with float64 products, which get the
+    mass of each part right (the float32 products can be off by O(1) there).
     """
     n = transition.shape[0]
     if n <= 64:
@@ -326,7 +340,6 @@ def _leading_left_vector(transition: NDArray[np.floating]) -> NDArray[np.float64
 
     n = transition.shape[0]
     start = np.full(n, 1.0 / n)
-    vec = None
     if n >= FLOAT32_MIN_NODES and transition.dtype == np.float32:
         p32 = np.ascontiguousarray(transition)
 
@@ -335,18 +348,33 @@ def _leading_left_vector(transition: NDArray[np.floating]) -> NDArray[np.float64
 
         op = LinearOperator((n, n), matvec=left_product, dtype=np.float64)
         try:
-            vec = eigs(op, k=1, which="LR", v0=start, tol=1e-8)[1][:, 0].real
+            vals, vecs = eigs(op, k=2, which="LM", v0=start, tol=1e-8)
         except (ArpackNoConvergence, ArpackError):
-            vec = None
-    if vec is None:
-        pt = np.ascontiguousarray(transition.T, dtype=np.float64)
-        try:
-            vec = eigs(pt, k=1, which="LR", v0=start, tol=1e-12)[1][:, 0].real
-        except (ArpackNoConvergence, ArpackError):
-            vec = start
-            for _ in range(10000):
-                vec = pt @ vec
-    return vec
+            vals = None
+        if vals is not None:
+            lead = int(np.argmax(vals.real))
+            gap = 1.0 - float(np.abs(vals[1 - lead]))
+            if gap >= FLOAT32_MIN_GAP:
+                return np.asarray(vecs[:, lead].real, np.float64)
+    # float64 products: x^T P with P row-major is a transposed gemv, no P^T copy.
+    # The matrix is used as given (as the torch path, accel.walk, does): pi of a
+    # nearly reducible P is then right up to what the rounding of P's row sums
+    # leaves undetermined (1e-7 of a float32 row sum against the coupling of
+    # its parts); a walk known in closed form should bring its own pi
+    # (core.pixels.pixel_graph).
+    p64 = np.asarray(transition, np.float64)
+
+    def left_product64(x: NDArray[np.float64]) -> NDArray[np.float64]:
+        return np.ravel(x) @ p64
+
+    op64 = LinearOperator((n, n), matvec=left_product64, dtype=np.float64)
+    try:
+        return np.asarray(eigs(op64, k=1, which="LR", v0=start, tol=1e-12)[1][:, 0].real)
+    except (ArpackNoConvergence, ArpackError):
+        vec = start
+        for _ in range(10000):
+            vec = vec @ p64
+        return vec
 
 
 def power_walk(transition: NDArray[np.float32], power: int) -> NDArray[np.float32]:

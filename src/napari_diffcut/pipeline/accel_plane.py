@@ -92,6 +92,7 @@ def post_torch(
     out_hw: tuple[int, int],
     lazy: bool | None,
     budget: int,
+    affinity: NDArray[np.float32] | None = None,
 ) -> Generator[Progress, None, Segmentation]:
     """Walk, graph, NCut tree and pixel labels in torch; the tail of ``segment_rgb``.
 
@@ -117,6 +118,10 @@ def post_torch(
         As in ``segment_rgb``: None decides from ``budget``.
     budget : int
         Memory budget in bytes.
+    affinity : ndarray (N, N), optional
+        The walk graph of ``transition`` when the backbone built it exactly
+        (the pixels backbone at power 1, ``core.pixels.pixel_graph``): used as
+        it is, as the numpy path does.
 
     Returns
     -------
@@ -133,10 +138,13 @@ def post_torch(
     record["post_device"] = f"torch:{p.device}"
     synchronize(p.device)  # the aggregation ends here: the next event times the walk
     yield Progress("walk", 1, 1, f"power {s.power}, {s.graph} graph (torch, {p.device})")
-    affinity, walk = build_affinity_torch(p, power=s.power, graph=s.graph, dtype=torch.float32)
-    del p
-    tree = yield from tree_stage(affinity, s, grid)
-    del affinity
+    if affinity is not None:
+        graph, walk = as_tensor(affinity, device=p.device), p
+    else:
+        graph, walk = build_affinity_torch(p, power=s.power, graph=s.graph, dtype=torch.float32)
+    del p, affinity
+    tree = yield from tree_stage(graph, s, grid)
+    del graph
     hierarchy = yield from hierarchy_stage(tree, grid, s, record, out_hw)
     if lazy is None:
         lazy = out_hw[0] * out_hw[1] * 8 > budget

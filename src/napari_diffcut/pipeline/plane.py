@@ -94,7 +94,7 @@ def segment_rgb(
     out_hw = (int((out_shape or rgb.shape)[0]), int((out_shape or rgb.shape)[1]))
     post = choose_post(s, record)  # None: numpy core; else torch on that device (accel_plane)
     if s.backbone == "pixels":
-        from napari_diffcut.core.pixels import pixel_transition
+        from napari_diffcut.core.pixels import pixel_graph
 
         latent = s.working_size // PIXELS_PATCH if s.working_size else PIXELS_NATIVE_LATENT
         grid = latent_grid(out_hw, latent)
@@ -102,17 +102,29 @@ def segment_rgb(
         yield Progress("walk", 0, 1, f"pixels backbone on a {grid[0]}x{grid[1]} grid")
         work = resize(rgb, (grid[0] * PIXELS_PATCH, grid[1] * PIXELS_PATCH))
         record["working_size"] = [grid[0] * PIXELS_PATCH, grid[1] * PIXELS_PATCH]
-        transition = pixel_transition(work, grid)
+        built = pixel_graph(work, grid)
+        transition = built.transition
     else:
+        built = None
         grid, transition = yield from diffuse_stage(
             rgb, s, engine, record, image_shape=out_hw, post_device=post
         )
     record["grid"] = list(grid)
+    # The pixels kernel is symmetric: its walk graph and exact stationary
+    # distribution come with it (core.pixels), no eigen solve.
+    exact = built.affinity if built is not None and s.power == 1 and s.graph == "walk" else None
     if post is not None:
         return (yield from post_torch(transition, grid, rgb, s, post, record=record,
-                                      out_hw=out_hw, lazy=lazy, budget=budget_bytes(s)))
+                                      out_hw=out_hw, lazy=lazy, budget=budget_bytes(s),
+                                      affinity=exact))
     yield Progress("walk", 1, 1, f"power {s.power}, {s.graph} graph")
-    affinity, walk = build_affinity(transition, power=s.power, graph=s.graph, dtype=np.float32)
+    if exact is not None:
+        affinity, walk = exact, transition
+    else:
+        affinity, walk = build_affinity(
+            transition, power=s.power, graph=s.graph, dtype=np.float32
+        )
+    del built, exact
     del transition
     tree = yield from cut_stage(affinity, s, grid)
     del affinity
