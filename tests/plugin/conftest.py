@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
-import napari
 import pytest
 
 
 @pytest.fixture
-def viewer() -> Iterator[napari.Viewer]:
-    """A viewer created hidden and never shown."""
-    v = napari.Viewer(show=False)
-    try:
-        yield v
-    finally:
-        v.close()
+def viewer(make_napari_viewer: Any) -> Any:
+    """A viewer created hidden and never shown.
+
+    Through napari's own fixture: it gives every test a fresh plugin and
+    command registry (a bare ``napari.Viewer`` after a fixture-made one can
+    find napari-diffcut's commands registered twice) and closes it afterwards.
+    """
+    return make_napari_viewer(show=False)
