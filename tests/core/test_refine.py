@@ -7,9 +7,16 @@ import pytest
 
 from napari_diffcut.core import refine
 from napari_diffcut.core.hierarchy import ncut_hierarchy
+from napari_diffcut.core.pamr import (
+    PRUNE_WEIGHT,
+    colour_leaves,
+    compact_leaves,
+    kernel_offsets,
+    pamr_affinity,
+    winning_leaves,
+)
 from napari_diffcut.core.refine import (
     RefinePass,
-    colour_leaves,
     leaf_boundary_band,
     pamr_labels,
     refine_halo,
@@ -200,3 +207,80 @@ def test_band_and_validation() -> None:
         RefinePass(scale=0)
     with pytest.raises(ValueError, match="strip_pixels must be"):
         refine_leaf_labels(img, labels, strip_pixels=0)
+
+
+def _dense_pamr(
+    img: np.ndarray, labels: np.ndarray, iterations: int, dilations: tuple[int, ...], band: int
+) -> np.ndarray:
+    """PAMR on one (leaf, pixel) mask per leaf, the loop written out: what the sparse pairs compute.
+
+    Same band, candidates, pruned kernel and summation order (kernel positions
+    one after the other, in float32), so the labels must agree exactly.
+    """
+    h, w = labels.shape
+    offsets = kernel_offsets(dilations)
+    yy, xx = np.mgrid[:h, :w]
+    ny = np.clip(yy[..., None] + offsets[:, 0], 0, h - 1)
+    nx = np.clip(xx[..., None] + offsets[:, 1], 0, w - 1)
+    nb = (ny * w + nx).reshape(h * w, -1)
+    flat = labels.ravel()
+    pix = np.flatnonzero(leaf_boundary_band(labels, band))
+    affinity = pamr_affinity(img.reshape(1, -1).astype(np.float32), pix, nb[pix], len(dilations))
+    keep = affinity >= PRUNE_WEIGHT
+    weight = affinity / np.einsum("ij,ij->i", affinity, keep)[:, None]
+    weight = np.where(keep, weight, np.float32(0))
+    leaves = np.unique(flat)
+    masks = (flat[None, :] == leaves[:, None]).astype(np.float32)  # (K, M), seeds stay one-hot
+    seen = np.concatenate([pix[:, None], nb[pix]], axis=1)
+    candidate = (flat[seen][None] == leaves[:, None, None]).any(axis=2)  # (K, band)
+    for _ in range(iterations):
+        new = np.zeros((leaves.size, pix.size), np.float32)
+        for p in range(nb.shape[1]):
+            new += weight[:, p] * masks[:, nb[pix, p]]
+        masks[:, pix] = np.where(candidate, new, np.float32(0))
+    band_masks = masks[:, pix]
+    best = band_masks.max(axis=0)
+    own = flat[pix]
+    own_value = band_masks[np.searchsorted(leaves, own), np.arange(pix.size)]
+    smallest_best = leaves[np.argmax(band_masks == best, axis=0)]
+    out = flat.copy()
+    out[pix] = np.where(own_value >= best, own, smallest_best)
+    return out.reshape(h, w)
+
+
+@pytest.mark.parametrize("dilations", [(1, 2, 4), (1, 2, 4, 8)])
+def test_sparse_pairs_compute_what_dense_pamr_computes(dilations: tuple[int, ...]) -> None:
+    """Colours, tables, chunks and the rows sorted by length change no bit of the result."""
+    truth = _discs(
+        (72, 80), [(20.0, 18.0, 9.0), (34.0, 50.0, 13.0), (58.0, 22.0, 7.0), (60.0, 64.0, 8.0)]
+    )
+    img = _noisy(truth, 7)
+    labels = _patch_grid_labels(truth) * 3 + 5  # ids need not be consecutive
+    labels[:8, :] = 2  # a fifth leaf along the top
+    for iterations in (1, 7):
+        want = _dense_pamr(img, labels, iterations, dilations, 2)
+        got = pamr_labels(img, labels, iterations=iterations, dilations=dilations, band=2)
+        np.testing.assert_array_equal(got, want)
+        assert (got != labels).any()
+
+
+def test_compact_leaves_is_unique_with_inverse() -> None:
+    rng = np.random.default_rng(8)
+    for labels in (rng.integers(0, 50, (9, 7)), rng.integers(-5, 5, (4, 6)),
+                   rng.integers(0, 2**40, (5, 5))):
+        leaves, compact = compact_leaves(labels)
+        want, inverse = np.unique(labels, return_inverse=True)
+        np.testing.assert_array_equal(leaves, want)
+        np.testing.assert_array_equal(compact, inverse.reshape(labels.shape))
+
+
+def test_winning_leaf_ties_go_to_the_own_leaf_then_the_smallest() -> None:
+    # Pixel 0: its own colour 0 loses to colours 1 and 2, tied (leaves 9 and 4);
+    # pixel 1: its own colour 1 ties with colour 0 and stays.
+    values = np.array([0.1, 0.3, 0.45, 0.3, 0.45], np.float32)
+    pixel = np.array([0, 1, 0, 1, 0])
+    colour = np.array([0, 0, 1, 1, 2])
+    leaf_of = {(0, 1): 9, (0, 2): 4, (1, 0): 3}
+    won = winning_leaves(values, pixel, colour, np.array([0, 1]), np.array([7, 8]),
+                         lambda p, c: np.array([leaf_of[k] for k in zip(p, c, strict=True)]))
+    assert won.tolist() == [4, 8]

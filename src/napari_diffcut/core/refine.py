@@ -64,13 +64,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_diffcut.core.pamr import (
-    colour_leaves,
+    PRUNE_WEIGHT,
+    candidate_pairs,
+    colour_pixels,
     distinct_channels,
     kernel_offsets,
     leaf_boundary_band,
     mode_filter_labels,
     pamr_affinity,
     propagate_labels,
+    row_count,
     winning_leaves,
 )
 
@@ -334,34 +337,119 @@ def _refine_window(
     in_band = leaf_boundary_band(lab, band).ravel()
     if iterations == 0 or not in_band.any():
         return out
-    height, width = lab.shape
+    width = lab.shape[1]
     flat_lab = out.ravel()
-    # Kernel positions as flat indices; outside the image they repeat the border
-    # pixel (PAMR pads image and masks with "replicate").
     reach = max(dilations)
-    index = np.int32 if lab.size < 2**31 - 2 else np.int64
-    source = np.pad(np.arange(lab.size, dtype=index).reshape(height, width), reach, mode="edge")
-    steps = kernel_offsets(dilations) @ np.array([width + 2 * reach, 1])
-    pix = np.flatnonzero(in_band).astype(index)
-    yy, xx = np.divmod(pix, width)
-    padded = (yy + reach) * (width + 2 * reach) + xx + reach
-    neighbours = source.ravel()[padded[:, None] + steps[None, :]]  # (n, P)
-    del source, padded, yy, xx
-    affinity = pamr_affinity(guide.reshape(guide.shape[0], -1), pix, neighbours, len(dilations))
-    # Candidates: the distinct leaves at the pixel and its kernel positions.
-    seen = np.sort(np.concatenate([flat_lab[pix][:, None], flat_lab[neighbours]], axis=1), 1)
-    first = np.ones(seen.shape, bool)
-    first[:, 1:] = seen[:, 1:] != seen[:, :-1]
-    pair_pixel, slot = np.nonzero(first)  # (band pixel, leaf) pairs, pixel-major
-    pair_leaf = seen[pair_pixel, slot]
-    del seen, first, slot
-    leaves, colour = colour_leaves(lab, 3 * reach)
-    pair_colour = colour[np.searchsorted(leaves, pair_leaf)]
-    values = propagate_labels(
-        pix, neighbours, affinity, pair_pixel, pair_colour, int(colour.max()) + 1,
-        colour[np.searchsorted(leaves, flat_lab)], in_band, iterations,
+    offsets = kernel_offsets(dilations)
+    pix = np.flatnonzero(in_band)
+    leaves, colour, compact = colour_pixels(lab, 3 * reach)
+    n_colours = int(colour.max()) + 1
+    # The smallest integer type: (n, P) colours are the largest array kept beside the kernel.
+    pixel_colour = colour.astype(np.min_scalar_type(n_colours - 1))[compact.ravel()]
+    own_colour = pixel_colour[pix]
+    weight, key, kept, neighbour_colour = _band_kernel(
+        guide.reshape(guide.shape[0], -1), pix, lab.shape, offsets, len(dilations), pixel_colour
     )
-    out.ravel()[pix] = winning_leaves(values, pair_pixel, pair_leaf, flat_lab[pix])
+    # Candidates: the distinct leaves at the pixel and its kernel positions, as
+    # colours (distinct within reach).
+    pair_pixel, pair_colour = candidate_pairs(neighbour_colour, own_colour, n_colours)
+    values = propagate_labels(
+        pix, weight, key, kept, pair_pixel, pair_colour, n_colours, pixel_colour,
+        in_band, iterations,
+    )
+    del weight, key
+    own = flat_lab[pix]
+
+    def pair_leaf(pixel: NDArray[np.intp], colour: NDArray[np.intp]) -> NDArray[np.int32]:
+        # The leaf of a colour near a band pixel: at its first kernel position of that colour.
+        same = np.take(neighbour_colour, pixel, axis=0) == colour.astype(own_colour.dtype)[:, None]
+        first = np.argmax(same, axis=1)
+        y, x = np.divmod(pix[pixel], width)
+        at = _clamped(y, x, offsets[first, 0], offsets[first, 1], lab.shape)
+        return np.where(colour == own_colour[pixel], own[pixel], flat_lab[at])
+
+    out.ravel()[pix] = winning_leaves(
+        values, pair_pixel, pair_colour, own_colour, own, pair_leaf
+    )
     return out
 
 
+#: Band pixels per block of :func:`_band_kernel`.
+_KERNEL_ROWS = 8192
+
+
+def _band_kernel(
+    guide: NDArray[np.float32],
+    pix: NDArray[np.intp],
+    shape: tuple[int, int],
+    offsets: NDArray[np.int64],
+    n_dilations: int,
+    pixel_colour: NDArray[np.integer],
+) -> tuple[NDArray[np.float32], NDArray[np.intp], NDArray[np.int64], NDArray[np.integer]]:
+    """The pruned PAMR kernel of the band pixels ``pix``, as :func:`propagate_labels` takes it.
+
+    Blocks of pixels, each from its kernel positions to its weights while its
+    (block, P) temporaries stay in cache; the positions themselves are not kept.
+
+    Returns
+    -------
+    weight : (n, P) float32
+        :func:`pamr_affinity` without the weights below :data:`PRUNE_WEIGHT`,
+        renormalised (pruned positions hold a value that is never read).
+    key : (n, P) intp
+        Flat index of each kernel position, ``M * N`` where pruned.
+    kept : (n,) int64
+        Positions kept per pixel.
+    neighbour_colour : (n, P)
+        ``pixel_colour`` at each kernel position.
+    """
+    n, p = pix.size, offsets.shape[0]
+    n_pixels = shape[0] * shape[1]
+    weight = np.empty((n, p), np.float32)
+    key = np.empty((n, p), np.intp)
+    kept = np.empty(n, np.int64)
+    neighbour_colour = np.empty((n, p), pixel_colour.dtype)
+    steps = offsets @ np.array([shape[1], 1])
+    reach = int(np.abs(offsets).max())
+    for a in range(0, n, _KERNEL_ROWS):
+        centre = pix[a : a + _KERNEL_ROWS]
+        # Kernel positions; outside the image they repeat the border pixel (PAMR
+        # pads image and masks with "replicate"): a fixed step away from the
+        # border, clamped coordinates near it. intp: np.take converts any other
+        # index type first, at more than the lookup's cost.
+        at = centre[:, None] + steps[None, :]
+        y, x = np.divmod(centre, shape[1])
+        near = np.flatnonzero(
+            (y < reach) | (y >= shape[0] - reach) | (x < reach) | (x >= shape[1] - reach)
+        )
+        if near.size:
+            at[near] = _clamped(
+                y[near, None], x[near, None], offsets[:, 0], offsets[:, 1], shape
+            )
+        affinity = pamr_affinity(guide, centre, at, n_dilations)
+        keep = affinity >= PRUNE_WEIGHT
+        # Renormalised: the pruned kernel stays a softmax (rows sum to 1).
+        norm = np.einsum("ij,ij->i", affinity, keep)[:, None]
+        np.divide(affinity, norm, out=weight[a : a + _KERNEL_ROWS])
+        # Arithmetic, as masked writes with such irregular masks are several times slower.
+        block = key[a : a + _KERNEL_ROWS]
+        np.subtract(at, n_pixels, out=block)
+        block *= keep
+        block += n_pixels
+        kept[a : a + _KERNEL_ROWS] = row_count(keep)
+        np.take(pixel_colour, at, out=neighbour_colour[a : a + _KERNEL_ROWS])
+    return weight, key, kept, neighbour_colour
+
+
+def _clamped(
+    y: NDArray[np.integer],
+    x: NDArray[np.integer],
+    dy: NDArray[np.integer],
+    dx: NDArray[np.integer],
+    shape: tuple[int, int],
+) -> NDArray[np.intp]:
+    """Flat index of (y + dy, x + dx), clamped into the image (replicate padding)."""
+    row = np.clip(y + dy, 0, shape[0] - 1)
+    row *= shape[1]
+    row += np.clip(x + dx, 0, shape[1] - 1)
+    return row
