@@ -383,7 +383,8 @@ def propagate_labels(
         table[own_seeds] = zero
         table[at] = zero
         # The colour's entries, renumbered as sorted (its pairs' ranks are all known
-        # now), in place while they are in cache.
+        # now), in place while they are in cache (np.take reads a converted or,
+        # with mode "raise", buffers the indices, so out may alias them).
         done = indices[first_entry:nnz]
         np.take(rank, done, out=done)
     del table
