@@ -59,6 +59,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -159,6 +160,20 @@ def refine_halo(
     return -(-total // step) * step
 
 
+def _image_and_labels(
+    image: Any, labels: Any, name: str
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """``image`` (M, N[, C]) and the labels ``name`` (M, N) as arrays, shapes checked."""
+    lab = np.asarray(labels)
+    img = np.asarray(image)
+    if lab.ndim != 2 or img.ndim not in (2, 3) or img.shape[:2] != lab.shape:
+        raise ValueError(
+            f"image (M, N[, C]) and {name} (M, N) must share (M, N), got image "
+            f"{img.shape} and {name} {lab.shape}"
+        )
+    return img, lab
+
+
 def _grid_step(passes: Sequence[RefinePass]) -> int:
     """Least common multiple of the scales (where windows may start)."""
     return int(np.lcm.reduce([int(p.scale) for p in passes])) if passes else 1
@@ -216,13 +231,7 @@ def refine_leaf_labels(
     >>> int(np.argmax(refined[0]))
     13
     """
-    lab = np.asarray(pixel_leaf)
-    img = np.asarray(image)
-    if lab.ndim != 2 or img.ndim not in (2, 3) or img.shape[:2] != lab.shape:
-        raise ValueError(
-            f"image (M, N[, C]) and pixel_leaf (M, N) must share (M, N), got image "
-            f"{img.shape} and pixel_leaf {lab.shape}"
-        )
+    img, lab = _image_and_labels(image, pixel_leaf, "pixel_leaf")
     for name, value, low in (("strip_pixels", strip_pixels, 1), ("mode_filter", mode_filter, 0)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -275,13 +284,7 @@ def pamr_labels(
     [[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1]]
     """
     one = RefinePass(scale=1, iterations=iterations, dilations=tuple(dilations), band=band)
-    lab = np.asarray(labels)
-    img = np.asarray(image)
-    if lab.ndim != 2 or img.ndim not in (2, 3) or img.shape[:2] != lab.shape:
-        raise ValueError(
-            f"image (M, N[, C]) and labels (M, N) must share (M, N), got {img.shape} "
-            f"and {lab.shape}"
-        )
+    img, lab = _image_and_labels(image, labels, "labels")
     return _refine_window(
         distinct_channels(img), lab.astype(np.int64), one.iterations, one.dilations, one.band
     )

@@ -20,6 +20,7 @@ viewer (napari is imported inside it).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from napari_diffcut.core.instances import (
 )
 from napari_diffcut.plugin.geometry import Geometry, axes_geometry
 from napari_diffcut.plugin.layers import LayerDataTuple, diffcut_meta
+from napari_diffcut.plugin.plan import suffixed
 
 #: Key of an instance layer's entry in its ``metadata``.
 INSTANCES_KEY = "napari_diffcut_instances"
@@ -134,13 +136,9 @@ def apply_instances(viewer: Any, main: Any, min_size: int | None = None) -> Any:
         layer.features = kwargs["features"]
         layer.data = data
         return layer
-    name = kwargs.pop("name")
-    if name in viewer.layers:
-        n = 1
-        while f"{name} [{n}]" in viewer.layers:
-            n += 1
-        name = f"{name} [{n}]"
-    return viewer.add_labels(data, name=name, **kwargs)
+    base = kwargs.pop("name")
+    n = next(n for n in itertools.count() if suffixed(base, n) not in viewer.layers)
+    return viewer.add_labels(data, name=suffixed(base, n), **kwargs)
 
 
 def recount_instances(viewer: Any, main: Any) -> Any:
