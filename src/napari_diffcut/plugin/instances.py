@@ -33,7 +33,7 @@ from napari_diffcut.core.instances import (
     count_instances,
 )
 from napari_diffcut.plugin.geometry import Geometry, axes_geometry
-from napari_diffcut.plugin.layers import LayerDataTuple, diffcut_meta
+from napari_diffcut.plugin.layers import LayerDataTuple, diffcut_meta, update_layer
 from napari_diffcut.plugin.plan import suffixed
 
 #: Key of an instance layer's entry in its ``metadata``.
@@ -131,11 +131,8 @@ def apply_instances(viewer: Any, main: Any, min_size: int | None = None) -> Any:
     found = count_main_layer(main, min_size)
     data, kwargs, _ = instances_layer_data(found, source, axes_geometry(main))
     if editable:
-        layer = editable[0]
-        layer.metadata = kwargs["metadata"]
-        layer.features = kwargs["features"]
-        layer.data = data
-        return layer
+        update_layer(editable[0], data, kwargs)
+        return editable[0]
     base = kwargs.pop("name")
     n = next(n for n in itertools.count() if suffixed(base, n) not in viewer.layers)
     return viewer.add_labels(data, name=suffixed(base, n), **kwargs)
