@@ -1,0 +1,111 @@
+"""Freed memory kept for reuse while a CPU model lives (glibc mallopt), and given back after."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from napari_diffcut.attention import heap
+
+needs_glibc = pytest.mark.skipif(heap.glibc() is None, reason="glibc malloc only")
+
+
+class Owner:
+    """A weak-referenceable stand-in for a loaded model."""
+
+
+#: Faults of malloc-ing, touching and freeing 64 MiB (as torch's CPU allocator does;
+#: numpy would put large arrays on huge pages), in a fresh interpreter.
+PROBE = textwrap.dedent(
+    """
+    import ctypes, gc, resource, sys
+    from napari_diffcut.attention import heap
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def faults():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(64 << 20)
+        ctypes.memset(block, 1, 64 << 20)
+        libc.free(block)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    owner = type("Owner", (), {})()
+    kept = heap.keep_freed_memory(owner) if sys.argv[1] == "keep" else False
+    faults()  # the first allocation faults its pages in either way
+    during = faults()
+    del owner
+    gc.collect()
+    print(kept, during, heap.holders(), faults())
+    """
+)
+
+
+def _probe(mode: str, env: dict[str, str] | None = None) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+        env={**os.environ, **(env or {})},
+    )
+    return out.stdout.split()
+
+
+@needs_glibc
+def test_freed_blocks_are_reused_while_an_owner_lives_and_returned_after() -> None:
+    kept, during, holders, after = _probe("keep")
+    assert kept == "True" and holders == "0"
+    assert int(during) < 1000  # reused from the heap: no fresh 64 MiB of pages
+    assert int(after) > 10000  # defaults back: mmapped and faulted in again
+    plain = _probe("plain")
+    assert plain[0] == "False" and int(plain[1]) > 10000
+
+
+@needs_glibc
+def test_switch_off_by_environment() -> None:
+    kept, during, _, _ = _probe("keep", {heap.ENV_SWITCH: "0"})
+    assert kept == "False" and int(during) > 10000
+
+
+@needs_glibc
+def test_owners_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(heap.ENV_SWITCH, raising=False)
+    start = heap.holders()
+    a, b = Owner(), Owner()
+    assert heap.keep_freed_memory(a) and heap.keep_freed_memory(b)
+    assert heap.holders() == start + 2
+    del a
+    gc.collect()
+    assert heap.holders() == start + 1
+    del b
+    gc.collect()
+    assert heap.holders() == start
+
+
+def test_other_platforms_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heap.sys, "platform", "darwin")
+    assert heap.glibc() is None
+    start = heap.holders()
+    assert heap.keep_freed_memory(Owner()) is False
+    assert heap.holders() == start
+
+
+@needs_glibc
+def test_a_cpu_model_holds_the_setting_until_it_is_freed(tiny_model: Path) -> None:
+    from napari_diffcut.pipeline.engine import ModelCache
+    from napari_diffcut.pipeline.settings import Settings
+
+    gc.collect()
+    start = heap.holders()
+    cache = ModelCache()
+    cache.model_for(Settings(model=str(tiny_model), device="cpu", dtype="float32"))
+    assert heap.holders() == start + 1
+    cache.unload()
+    gc.collect()
+    assert heap.holders() == start
