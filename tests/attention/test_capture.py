@@ -171,3 +171,53 @@ def test_grid_for_rejects_impossible_token_counts() -> None:
     assert sink.grid_for(256) == ((16, 16), 2)
     with pytest.raises(RuntimeError, match="cannot place"):
         sink.grid_for(300)
+
+
+@pytest.mark.parametrize("factors", [None, {2, 4}])
+def test_stop_after_the_last_layer_gives_the_full_forwards_attention(loaded, factors) -> None:
+    """Fast mode stops the UNet at its last captured layer, with bitwise the same maps."""
+    import contextlib
+
+    from napari_diffcut.attention.capture import CaptureComplete
+
+    x, t, emb = _unet_inputs(loaded, (32, 32))
+    layer_factors = self_attention_factors(loaded.unet).values()
+    wanted = [f for f in layer_factors if not factors or f in factors]
+    seen: list[int] = []
+    full = AttentionSink((32, 32), factors=factors)
+    early = AttentionSink((32, 32), factors=factors, stop_after=len(wanted),
+                          on_layer=lambda: seen.append(early.captured))
+    before = dict(loaded.unet.attn_processors)
+    with torch.no_grad():
+        with capture_self_attention(loaded.unet, full):
+            loaded.unet(x, t, **emb)
+        with pytest.raises(CaptureComplete), capture_self_attention(loaded.unet, early):
+            loaded.unet(x, t, **emb)
+        # The processors are back after the early stop, and a sink with no
+        # stop_after (the inversion mode) never raises.
+        assert all(loaded.unet.attn_processors[n] is p for n, p in before.items())
+        with contextlib.suppress(CaptureComplete), capture_self_attention(loaded.unet, full):
+            loaded.unet(x, t, **emb)
+    assert full.captured == 2 * len(wanted) and early.captured == len(wanted)
+    assert seen == list(range(1, len(wanted) + 1))  # progress for every layer, the last too
+    assert set(early.sums) == set(full.sums)
+    for grid, mean in early.means().items():
+        assert early.counts[grid] * 2 == full.counts[grid]
+        torch.testing.assert_close(mean, full.sums[grid] / full.counts[grid], rtol=0, atol=1e-7)
+
+
+def test_fast_mode_stops_early_and_matches_a_full_forward(loaded) -> None:
+    """iter_attention in fast mode: the same attention as a sink that lets the UNet finish."""
+    from napari_diffcut.attention.diffuse import iter_attention
+
+    x, t, emb = _unet_inputs(loaded, (32, 32))
+    gen = iter_attention(loaded, x, timestep=300)
+    assert next(gen) == (1, 1)
+    with pytest.raises(StopIteration) as stop:
+        next(gen)
+    per_grid = stop.value.value
+    full = AttentionSink((32, 32))
+    with torch.no_grad(), capture_self_attention(loaded.unet, full):
+        loaded.unet(x, t, **emb)
+    for grid, mean in full.means().items():
+        assert np.array_equal(per_grid[grid], mean.numpy())

@@ -43,6 +43,12 @@ class AttentionSink:
         None picks a per-device default (:meth:`chunk_bytes_for`).
     on_layer : callable, optional
         Called after each captured layer (progress and cancellation checks).
+    stop_after : int, optional
+        When the UNet's output is not needed (fast mode): the number of layers
+        one call captures. The last of them computes its probabilities only
+        and raises :class:`CaptureComplete`, so the rest of the forward pass
+        (that layer's output, the feed-forward and cross-attention after it,
+        the output convolutions) is skipped.
     """
 
     def __init__(
@@ -51,11 +57,14 @@ class AttentionSink:
         factors: set[int] | None = None,
         chunk_bytes: int | None = None,
         on_layer: Callable[[], None] | None = None,
+        stop_after: int | None = None,
     ) -> None:
         self.latent_shape = latent_shape
         self.factors = factors
         self.chunk_bytes = chunk_bytes
         self.on_layer = on_layer
+        self.stop_after = stop_after
+        self.captured = 0
         self.sums: dict[tuple[int, int], torch.Tensor] = {}
         self.counts: dict[tuple[int, int], int] = {}
 
@@ -111,9 +120,36 @@ class AttentionSink:
         """Record one more layer call added into ``grid``'s accumulator."""
         self.counts[grid] = self.counts.get(grid, 0) + 1
 
+    def first_buffer(
+        self, grid: tuple[int, int], shape: tuple[int, int], device: torch.device
+    ) -> torch.Tensor | None:
+        """An uninitialised fp32 accumulator for ``grid``'s first layer, else None.
+
+        The caller writes every row of it (the head mean of that first layer):
+        no zero fill of an N x N buffer (64 MiB at 4096 tokens). None means
+        the grid has its buffer already; add into :meth:`accumulator`.
+        """
+        if grid in self.sums:
+            return None
+        buf = self.sums[grid] = torch.empty(shape, dtype=torch.float32, device=device)
+        self.counts[grid] = 0
+        return buf
+
+    def completes_with_next(self) -> bool:
+        """Whether the next captured layer is the last one :attr:`stop_after` asks for."""
+        return self.stop_after is not None and self.captured + 1 >= self.stop_after
+
     def means(self) -> dict[tuple[int, int], torch.Tensor]:
         """Layer- and step-averaged attention per grid."""
         return {g: s / self.counts[g] for g, s in self.sums.items()}
+
+
+class CaptureComplete(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by the last layer an :class:`AttentionSink` with ``stop_after`` needs.
+
+    The caller of the UNet catches it (:func:`napari_diffcut.attention.diffuse.iter_attention`,
+    fast mode); :func:`capture_self_attention` restores the processors either way.
+    """
 
 
 class CaptureAttnProcessor:
@@ -164,8 +200,16 @@ class CaptureAttnProcessor:
         capture = (
             attention_mask is None and encoder_hidden_states is None and self.sink.wants(seq_len)
         )
+        if capture and self.sink.completes_with_next():
+            # Nothing downstream is needed: probabilities only, then stop the forward.
+            self._attend_and_capture(query, key, value, seq_len, need_output=False)
+            self.sink.captured += 1
+            if self.sink.on_layer is not None:
+                self.sink.on_layer()
+            raise CaptureComplete
         if capture:
             out = self._attend_and_capture(query, key, value, seq_len)
+            self.sink.captured += 1
         else:
             if attention_mask is not None:
                 attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
@@ -186,19 +230,28 @@ class CaptureAttnProcessor:
         return out
 
     def _attend_and_capture(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seq_len: int
-    ) -> torch.Tensor:
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        seq_len: int,
+        need_output: bool = True,
+    ) -> torch.Tensor | None:
         """Explicit attention in blocks of query rows; add head-mean probabilities to the sink.
 
         Each block holds all heads and all keys: scores ``q k^T / sqrt(d)`` in
         fp32 into a reused buffer, softmax in place, the output block
-        ``probs @ v`` and the head sum, which goes straight into the grid's
-        fp32 accumulator scaled by ``1 / (batch * heads)``.
+        ``probs @ v`` (skipped when ``need_output`` is False; None is then
+        returned) and the head sum, which goes straight into the grid's fp32
+        accumulator scaled by ``1 / (batch * heads)``.
         """
         batch, heads, n_q, head_dim = query.shape
         n_k = key.shape[2]
         grid, _ = self.sink.grid_for(seq_len)
-        acc = self.sink.accumulator(grid, (n_q, n_k), query.device)
+        # The grid's first layer writes its buffer instead of adding into zeros:
+        # fl(0 + a * s) = fl(a * s), so the sums are bitwise the same.
+        first = self.sink.first_buffer(grid, (n_q, n_k), query.device)
+        acc = first if first is not None else self.sink.accumulator(grid, (n_q, n_k), query.device)
         budget = self.sink.chunk_bytes_for(query.device)
         rows = _block_rows(n_q, budget // max(1, batch * heads * n_k * 4))
         # q, k, v arrive as strided views of (batch, tokens, heads, dim); one
@@ -214,17 +267,24 @@ class CaptureAttnProcessor:
         dev = query.device
         scores = torch.empty((batch, heads, rows, n_k), dtype=torch.float32, device=dev)
         head_sum = torch.empty((rows, n_k), dtype=torch.float32, device=dev)
-        out = torch.empty((batch, heads, n_q, head_dim), dtype=value.dtype, device=dev)
-        out_block = torch.empty((batch, heads, rows, head_dim), dtype=value.dtype, device=dev)
+        out = out_block = None
+        if need_output:
+            out = torch.empty((batch, heads, n_q, head_dim), dtype=value.dtype, device=dev)
+            out_block = torch.empty((batch, heads, rows, head_dim), dtype=value.dtype, device=dev)
         inv_maps = 1.0 / (batch * heads)
         for start in range(0, n_q, rows):
             size = min(n_q, start + rows) - start
             block = scores if size == rows else scores[:, :, :size]
             torch.matmul(queries[:, :, start : start + size], keys_t, out=block)
             probs = _softmax_(block)
-            result = out_block if size == rows else out_block[:, :, :size]
-            torch.matmul(probs.to(value.dtype), value, out=result)
-            out[:, :, start : start + size].copy_(result)
+            if out is not None and out_block is not None:
+                result = out_block if size == rows else out_block[:, :, :size]
+                torch.matmul(probs.to(value.dtype), value, out=result)
+                out[:, :, start : start + size].copy_(result)
+            if first is not None:
+                torch.sum(probs, dim=(0, 1), out=first[start : start + size])
+                first[start : start + size].mul_(inv_maps)
+                continue
             part = head_sum if size == rows else head_sum[:size]
             torch.sum(probs, dim=(0, 1), out=part)
             acc[start : start + size].add_(part, alpha=inv_maps)

@@ -13,13 +13,19 @@ Two modes (method.md 2.2):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Generator
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from napari_diffcut.attention.capture import AttentionSink, capture_self_attention
+from napari_diffcut.attention.capture import (
+    AttentionSink,
+    CaptureComplete,
+    capture_self_attention,
+    self_attention_factors,
+)
 from napari_diffcut.attention.model import LoadedModel
 
 INVERSION_GRID = 50
@@ -76,9 +82,17 @@ def iter_attention(
     dict of (h, w) -> ndarray or torch.Tensor (h*w, h*w), float32
         Head-, layer- and step-averaged attention per grid.
     """
-    sink = AttentionSink(tuple(latents.shape[-2:]), factors=factors, on_layer=on_layer)
-    cond = model.unet_kwargs(tuple(latents.shape[-2:]))
     unet = model.unet
+    # Fast mode never reads the UNet's output: the forward stops at the last
+    # captured layer (AttentionSink.stop_after; the tail after it, up_blocks.3's
+    # last feed-forward and the output convolutions for SD 1.5, is skipped).
+    layer_factors = self_attention_factors(unet).values()
+    wanted = sum(1 for f in layer_factors if factors is None or f in factors)
+    sink = AttentionSink(
+        tuple(latents.shape[-2:]), factors=factors, on_layer=on_layer,
+        stop_after=wanted if mode == "fast" else None,
+    )
+    cond = model.unet_kwargs(tuple(latents.shape[-2:]))
     if mode == "fast":
         x = latents
         if noise:
@@ -87,7 +101,7 @@ def iter_attention(
             abar = model.alphas_cumprod[timestep]
             x = (abar.sqrt() * latents.double() + (1 - abar).sqrt() * eps.double()).to(latents)
         t = torch.tensor([timestep], device=model.device)
-        with capture_self_attention(unet, sink):
+        with capture_self_attention(unet, sink), contextlib.suppress(CaptureComplete):
             unet(x, t, **cond)
         _settle(latents.device, keep_on_device)
         yield 1, 1
