@@ -38,6 +38,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,19 @@ def stage_seconds(marks: list[tuple[str, int, int, float]], end: float) -> dict[
     return out
 
 
+def process_use(before: Any, after: Any) -> dict[str, float]:
+    """CPU seconds (user + kernel), kernel seconds and minor page faults between two rusages.
+
+    Kernel time on a CPU run is mostly page faults: memory freed and
+    re-allocated fresh between stages (attention/heap.py).
+    """
+    return {
+        "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        "kernel_s": after.ru_stime - before.ru_stime,
+        "page_faults": float(after.ru_minflt - before.ru_minflt),
+    }
+
+
 def stage_runs(args: argparse.Namespace) -> dict[str, Any]:
     """The stages part (run in a child process): timed end-to-end runs per post path."""
     import statistics
@@ -151,7 +165,9 @@ def stage_runs(args: argparse.Namespace) -> dict[str, Any]:
 
     from napari_diffcut.large.dispatch import DiffCutEngine, iter_segment
 
-    dtype = "float32" if args.device == "cpu" else "auto"  # as bench_pipeline.py
+    # fp32 on the CPU by default, as bench_pipeline.py; --dtype auto times what users get
+    # (bf16 + channels-last on CPUs with native bf16).
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "auto")
     image = bench_image(args.image)
     engine = DiffCutEngine()
     record: dict[str, Any] = {
@@ -176,21 +192,25 @@ def stage_runs(args: argparse.Namespace) -> dict[str, Any]:
         def timed(img: Any, settings: dict[str, Any] = settings) -> tuple[dict[str, float], Any]:
             marks: list[tuple[str, int, int, float]] = []
             gen = iter_segment(img, engine=engine, **settings)
+            before = resource.getrusage(resource.RUSAGE_SELF)
             while True:
                 try:
                     e = next(gen)
                 except StopIteration as stop:
-                    return stage_seconds(marks, time.perf_counter()), stop.value
+                    out = stage_seconds(marks, time.perf_counter())
+                    out.update(process_use(before, resource.getrusage(resource.RUSAGE_SELF)))
+                    return out, stop.value
                 marks.append((e.stage, e.step, e.total, time.perf_counter()))
 
         timed(image[::4, ::4])  # warm-up: kernels, thread pools, lazy imports
         runs, seg = [], None
-        for _ in range(1 if args.quick else 3):
+        for _ in range(args.runs or (1 if args.quick else 3)):
             stages, seg = timed(image)
             runs.append(stages)
         segs[post] = seg
         record["posts"][post] = {
             "stages": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
+            "total_min": min(r["total"] for r in runs),
             "runs": runs,
             "post_device": seg.settings["post_device"],
             "grid": seg.settings["grid"],
@@ -221,6 +241,10 @@ def run_stage_part(args: argparse.Namespace) -> dict[str, Any]:
         out = os.path.join(tmp, "stages.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--stages-child", out]
         cmd += ["--model", args.model, "--device", args.device, "--post", args.post]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
+        if args.runs:
+            cmd += ["--runs", str(args.runs)]
         if args.working_size:
             cmd += ["--working-size", str(args.working_size)]
         if args.quick:
@@ -246,8 +270,12 @@ def stage_report(st: dict[str, Any]) -> list[str]:
     if len(posts) == 2:
         header.append(f"{posts[1]} / {posts[0]}")
     rows = []
-    for key in (*STAGES, "post", "total"):
-        vals = [st["posts"][p]["stages"][key] for p in posts]
+    keys = (*STAGES, "post", "total", "total_min", "cpu_s", "kernel_s", "page_faults")
+    for key in keys:
+        src = [st["posts"][p] if key == "total_min" else st["posts"][p]["stages"] for p in posts]
+        if any(key not in d for d in src):  # records written before these keys
+            continue
+        vals = [d[key] for d in src]
         ratio = [vals[1] / vals[0] if vals[0] > 0 else None] if len(posts) == 2 else []
         rows.append([key, *vals, *ratio])
     pad = [""] if len(posts) == 2 else []
@@ -478,6 +506,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="stages part: working size in pixels (default the model's; a tiny test model "
         "at 512 gets SD 1.5's 64x64 grid)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="stages part: model dtype (default float32 on cpu, auto on cuda; auto is what "
+        "users get: bf16 with channels-last on CPUs with native bf16)",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=None, help="stages part: timed runs per post path (default 3)"
     )
     parser.add_argument("--stages-child", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
