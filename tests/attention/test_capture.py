@@ -211,13 +211,20 @@ def test_fast_mode_stops_early_and_matches_a_full_forward(loaded) -> None:
     from napari_diffcut.attention.diffuse import iter_attention
 
     x, t, emb = _unet_inputs(loaded, (32, 32))
-    gen = iter_attention(loaded, x, timestep=300)
-    assert next(gen) == (1, 1)
-    with pytest.raises(StopIteration) as stop:
-        next(gen)
-    per_grid = stop.value.value
-    full = AttentionSink((32, 32))
-    with torch.no_grad(), capture_self_attention(loaded.unet, full):
-        loaded.unet(x, t, **emb)
+    tail: list[str] = []  # the UNet's output convolution runs only in a full forward
+    hook = loaded.unet.conv_out.register_forward_hook(lambda *_: tail.append("conv_out"))
+    try:
+        gen = iter_attention(loaded, x, timestep=300)
+        assert next(gen) == (1, 1)
+        with pytest.raises(StopIteration) as stop:
+            next(gen)
+        assert tail == []
+        per_grid = stop.value.value
+        full = AttentionSink((32, 32))
+        with torch.no_grad(), capture_self_attention(loaded.unet, full):
+            loaded.unet(x, t, **emb)
+        assert tail == ["conv_out"]
+    finally:
+        hook.remove()
     for grid, mean in full.means().items():
         assert np.array_equal(per_grid[grid], mean.numpy())

@@ -20,31 +20,31 @@ class Owner:
     """A weak-referenceable stand-in for a loaded model."""
 
 
-#: Faults of malloc-ing, touching and freeing 64 MiB (as torch's CPU allocator does;
-#: numpy would put large arrays on huge pages), in a fresh interpreter.
+#: Page faults of allocating, touching and freeing 64 MiB ten times in a row, in a fresh
+#: interpreter, the way torch's CPU allocator does it (posix_memalign, 64-byte aligned;
+#: numpy would put such arrays on huge pages); then the same once the owner is gone.
 PROBE = textwrap.dedent(
     """
     import ctypes, gc, resource, sys
     from napari_diffcut.attention import heap
 
     libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
 
     def faults():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = libc.malloc(64 << 20)
+        block = ctypes.c_void_p()
+        assert libc.posix_memalign(ctypes.byref(block), 64, 64 << 20) == 0
         ctypes.memset(block, 1, 64 << 20)
         libc.free(block)
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     owner = type("Owner", (), {})()
     kept = heap.keep_freed_memory(owner) if sys.argv[1] == "keep" else False
-    faults()  # the first allocation faults its pages in either way
-    during = faults()
+    during = [faults() for _ in range(10)]
     del owner
     gc.collect()
-    print(kept, during, heap.holders(), faults())
+    print(kept, during[-1], heap.holders(), faults(), min(during))
     """
 )
 
@@ -59,18 +59,26 @@ def _probe(mode: str, env: dict[str, str] | None = None) -> list[str]:
 
 @needs_glibc
 def test_freed_blocks_are_reused_while_an_owner_lives_and_returned_after() -> None:
-    kept, during, holders, after = _probe("keep")
+    # glibc 2.36's memalign splits free blocks, so the heap takes a few rounds to settle;
+    # by the tenth the block comes back without a fault.
+    kept, last, holders, after, _ = _probe("keep")
     assert kept == "True" and holders == "0"
-    assert int(during) < 1000  # reused from the heap: no fresh 64 MiB of pages
+    assert int(last) < 1000  # reused from the heap: no fresh 64 MiB of pages
     assert int(after) > 10000  # defaults back: mmapped and faulted in again
     plain = _probe("plain")
-    assert plain[0] == "False" and int(plain[1]) > 10000
+    assert plain[0] == "False" and int(plain[4]) > 10000  # every round fresh pages
 
 
 @needs_glibc
-def test_switch_off_by_environment() -> None:
-    kept, during, _, _ = _probe("keep", {heap.ENV_SWITCH: "0"})
-    assert kept == "False" and int(during) > 10000
+@pytest.mark.parametrize(
+    "env",
+    [{heap.ENV_SWITCH: "0"}, {"MALLOC_TRIM_THRESHOLD_": "1048576"},
+     {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=8"}],
+    ids=["switch", "malloc-variable", "tunable"],
+)
+def test_left_alone_when_switched_off_or_tuned_by_the_user(env: dict[str, str]) -> None:
+    kept, last, _, _, least = _probe("keep", env)
+    assert kept == "False" and int(least) > 10000 and int(last) > 10000
 
 
 @needs_glibc

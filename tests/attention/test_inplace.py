@@ -88,3 +88,16 @@ def test_only_stock_blocks_are_switched() -> None:
         down = model[2](x, None)  # a down-sampling block runs the stock forward
         model[2].__class__ = ResnetBlock2D
         assert torch.equal(down, model[2](x, None))
+
+
+def test_a_raw_time_embedding_gets_the_stock_forward() -> None:
+    """Without time_emb_proj the stock forward adds temb as it is; so does the switched block."""
+    block = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=None).eval()
+    temb = torch.randn(1, 32, 1, 1, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = block(x, temb)
+        use_inplace_resnets(block)
+        assert type(block) is InplaceResnetBlock2D
+        assert torch.equal(block(x, temb), ref)
+        assert not torch.equal(block(x, None), ref)  # temb did count

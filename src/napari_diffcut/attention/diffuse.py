@@ -103,6 +103,8 @@ def iter_attention(
         t = torch.tensor([timestep], device=model.device)
         with capture_self_attention(unet, sink), contextlib.suppress(CaptureComplete):
             unet(x, t, **cond)
+        if sink.captured != wanted:  # a miscount would stop early with maps missing
+            raise RuntimeError(f"captured {sink.captured} of {wanted} self-attention layers")
         _settle(latents.device, keep_on_device)
         yield 1, 1
     elif mode == "inversion":

@@ -6,20 +6,33 @@ to the system. A 512 px run frees and re-allocates such buffers dozens of
 times (VAE activations of 64 MiB, the 64 MiB attention accumulator, the
 graph): every run faulted in about 2 GB of zeroed pages, 350,000-550,000
 page faults and 1.2-2.5 s of kernel time on 2 cores. With mmap off and no
-trimming, freed blocks stay in the heap and later runs reuse them (30,000
-faults, 0.2 s): the end-to-end run was about 1 s faster (benchmarks/NOTES.md,
+trimming, freed blocks stay in the heap and later runs reuse them (30,000-50,000
+faults, 0.2 s): the end-to-end run was 0.5-1 s faster (benchmarks/NOTES.md,
 "Model side on the CPU"). jemalloc and tcmalloc, which Intel recommends for
 PyTorch CPU inference, get the same by caching; this is glibc's own
 ``mallopt(3)``, set while it pays.
 
-The price is memory: the process keeps the peak of a run's transient buffers
-(about 1-2 GiB at 512 px, beside ~2 GiB of bf16 weights) instead of returning
-them. So the setting lives exactly as long as a CPU model does:
-:func:`keep_freed_memory` ties it to the loaded model, and when the last such
-model is freed (``engine.unload()`` or garbage collection) glibc's defaults
-come back and ``malloc_trim`` returns the kept memory to the system.
-``NAPARI_DIFFCUT_KEEP_FREED_MEMORY=0`` turns it off; other C libraries
-(macOS, Windows, musl) are left alone.
+Where it works: on the main thread (the command line, scripts, notebooks). A
+thread other than the main one allocates from its own glibc arena, whose heaps
+are at most 64 MiB, so its blocks of 64 MiB and more are mapped fresh whatever
+the setting (the napari widget runs on a worker thread: there only smaller
+blocks are reused). ``MALLOC_ARENA_MAX=1`` in the environment of the process
+(napari's, set before it starts) puts every thread on the main arena, and the
+worker threads then reuse everything too (README, "Performance").
+
+The price is memory: the setting is process-wide, so the process keeps what it
+frees, at least the peak of a run's transient buffers (about 1-2 GiB at 512 px,
+beside ~2 GiB of bf16 weights; torch's 64-byte-aligned blocks can take a few
+runs to settle, as glibc 2.36's ``memalign`` splits free blocks). So the
+setting lives exactly as long as a CPU model does: :func:`keep_freed_memory`
+ties it to the loaded model, and when the last such model is freed
+(``engine.unload()`` or garbage collection) ``M_MMAP_MAX`` gets its default
+back, the thresholds are set to what glibc's dynamic rule grows them to in such
+a process (32 MiB, trim at 64 MiB; any ``mallopt`` turns that rule off for
+good), and ``malloc_trim`` returns the kept memory. It is not applied when
+``NAPARI_DIFFCUT_KEEP_FREED_MEMORY=0``, when the user tuned malloc already
+(``MALLOC_*_`` variables or ``glibc.malloc`` tunables), or with another C
+library (macOS, Windows, musl).
 """
 
 from __future__ import annotations
@@ -68,6 +81,19 @@ def holders() -> int:
     return _holders
 
 
+#: glibc's environment variables for the parameters this module sets (MALLOC_ARENA_MAX
+#: is not among them: it works with them, README "Performance").
+USER_MALLOC_VARIABLES = (
+    "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+)
+
+
+def user_tuned_malloc() -> bool:
+    """Whether the environment already sets glibc malloc parameters (left as they are)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(n in os.environ for n in USER_MALLOC_VARIABLES) or "glibc.malloc." in tunables
+
+
 def keep_freed_memory(owner: object) -> bool:
     """Keep freed heap memory for reuse for as long as ``owner`` lives.
 
@@ -80,12 +106,12 @@ def keep_freed_memory(owner: object) -> bool:
     Returns
     -------
     bool
-        Whether the setting applies (glibc, and not switched off by
-        ``NAPARI_DIFFCUT_KEEP_FREED_MEMORY=0``).
+        Whether the setting applies (glibc, not switched off by
+        ``NAPARI_DIFFCUT_KEEP_FREED_MEMORY=0``, malloc not tuned by the user).
     """
     global _holders
     libc = glibc()
-    if libc is None or os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if libc is None or os.environ.get(ENV_SWITCH, "1").strip() == "0" or user_tuned_malloc():
         return False
     with _lock:
         if _holders == 0:

@@ -38,11 +38,13 @@ class InplaceResnetBlock2D(ResnetBlock2D):
     def forward(  # type: ignore[override]
         self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        if not self._inplace_ok() or args or kwargs.get("scale") is not None:
+        # A temb without time_emb_proj is added raw by the stock forward: left to it.
+        raw_temb = temb is not None and self.time_emb_proj is None
+        if raw_temb or not self._inplace_ok() or args or kwargs.get("scale") is not None:
             return super().forward(input_tensor, temb, *args, **kwargs)
         h = F.silu(self.norm1(input_tensor), inplace=True)
         h = self.conv1(h)
-        if self.time_emb_proj is not None and temb is not None:
+        if temb is not None:
             if not self.skip_time_act:
                 temb = self.nonlinearity(temb)
             h.add_(self.time_emb_proj(temb)[:, :, None, None])
