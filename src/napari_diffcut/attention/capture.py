@@ -359,6 +359,11 @@ def attention_factors(unet: Any) -> tuple[int, ...]:
     return tuple(sorted(set(self_attention_factors(unet).values())))
 
 
+def captured_layer_count(unet: Any, factors: set[int] | None = None) -> int:
+    """Self-attention layers one UNet call captures at ``factors`` (None: all of them)."""
+    return sum(1 for f in self_attention_factors(unet).values() if factors is None or f in factors)
+
+
 @contextlib.contextmanager
 def capture_self_attention(unet: Any, sink: AttentionSink) -> Iterator[AttentionSink]:
     """Install :class:`CaptureAttnProcessor` on ``attn1`` modules for the block.

@@ -24,7 +24,7 @@ from napari_diffcut.attention.capture import (
     AttentionSink,
     CaptureComplete,
     capture_self_attention,
-    self_attention_factors,
+    captured_layer_count,
 )
 from napari_diffcut.attention.model import LoadedModel
 
@@ -86,8 +86,7 @@ def iter_attention(
     # Fast mode never reads the UNet's output: the forward stops at the last
     # captured layer (AttentionSink.stop_after; the tail after it, up_blocks.3's
     # last feed-forward and the output convolutions for SD 1.5, is skipped).
-    layer_factors = self_attention_factors(unet).values()
-    wanted = sum(1 for f in layer_factors if factors is None or f in factors)
+    wanted = captured_layer_count(unet, factors)
     sink = AttentionSink(
         tuple(latents.shape[-2:]), factors=factors, on_layer=on_layer,
         stop_after=wanted if mode == "fast" else None,

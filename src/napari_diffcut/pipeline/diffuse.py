@@ -90,13 +90,12 @@ def _attention_in_thread(
     is closed, a flag makes the next captured layer raise, which aborts the
     forward pass within one attention layer.
     """
-    from napari_diffcut.attention.capture import self_attention_factors
+    from napari_diffcut.attention.capture import captured_layer_count
     from napari_diffcut.attention.diffuse import iter_attention
 
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
     cancel = threading.Event()
-    layer_factors = self_attention_factors(model.unet).values()
-    n_layers = sum(1 for f in layer_factors if factors is None or f in factors)
+    n_layers = captured_layer_count(model.unet, factors)
     calls = 1 if s.mode == "fast" else s.steps
 
     def on_layer() -> None:
